@@ -1,0 +1,32 @@
+"""gradiag's autodiff engine: NumPy only (no Flask, no Pydantic).
+
+Front ends (graph JSON, expressions, networks) build `NodeSpec`s; `compile_graph` checks and
+orders them; `run` does one forward and one backward pass; `graph_diagnostics` reads health
+off the result.
+"""
+
+from engine.diagnostics import Finding, GraphDiagnostics, Thresholds, graph_diagnostics
+from engine.errors import EngineError, GraphError, LimitError, ShapeError, ValueDomainError
+from engine.graph import Limits, NodeSpec, Program, Result, compile_graph, run
+from engine.ops import LEAF_OPS, OPS, Op
+
+__all__ = [
+    "LEAF_OPS",
+    "OPS",
+    "EngineError",
+    "Finding",
+    "GraphDiagnostics",
+    "GraphError",
+    "LimitError",
+    "Limits",
+    "NodeSpec",
+    "Op",
+    "Program",
+    "Result",
+    "ShapeError",
+    "Thresholds",
+    "ValueDomainError",
+    "compile_graph",
+    "graph_diagnostics",
+    "run",
+]

@@ -1,0 +1,200 @@
+"""Read health off one forward/backward pass: dead ReLUs, saturated gates, non-finite values.
+
+Nothing here computes a gradient; it only looks at the values and gradients `graph.run`
+produced, so the graph and network reports describe the same numbers they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.graph import Result
+from engine.ops import Array
+
+SEVERITY_RANK = {"ok": 0, "warn": 1, "fail": 2}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where findings start. Fractions are of units (network) or elements (graph)."""
+
+    dead_warn: float = 0.10
+    dead_fail: float = 0.50
+    saturated_warn: float = 0.10
+    saturated_fail: float = 0.50
+    saturation_eps: float = 0.01
+    # network: ||dW of layer 1|| / ||dW of the last layer|| below this is a vanishing gradient
+    vanishing_ratio: float = 1e-3
+    # a gradient norm (graph: of an input or param; network: of a layer's W) above this
+    exploding_norm: float = 1e3
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str
+    location: str
+    message: str
+
+
+@dataclass
+class GateStats:
+    """Totals over every node of one kind (relu, sigmoid, tanh) in a graph."""
+
+    nodes: int = 0
+    elements: int = 0
+    flagged: int = 0  # dead (relu) or saturated (sigmoid, tanh) elements
+
+    @property
+    def fraction(self) -> float:
+        return self.flagged / self.elements if self.elements else 0.0
+
+
+@dataclass
+class GraphDiagnostics:
+    relu: GateStats
+    sigmoid: GateStats
+    tanh: GateStats
+    nonfinite_nodes: list[str]
+    parameter_tensors: int
+    parameter_total: int
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return worst_status(self.findings)
+
+
+def worst_status(findings: Iterable[Finding]) -> str:
+    return max((f.severity for f in findings), key=SEVERITY_RANK.__getitem__, default="ok")
+
+
+def grade(fraction: float, warn: float, fail: float) -> str:
+    if fraction >= fail:
+        return "fail"
+    return "warn" if fraction >= warn else "ok"
+
+
+def is_dead(pre_activation: Array) -> Array:
+    """A ReLU element is dead when its input is <= 0: its gradient is blocked."""
+    return np.asarray(pre_activation <= 0)
+
+
+def is_saturated(activation: Array, kind: str, eps: float) -> Array:
+    """Sigmoid output within eps of 0 or 1; tanh output within eps of -1 or 1."""
+    low = 0.0 if kind == "sigmoid" else -1.0
+    return np.asarray((activation < low + eps) | (activation > 1.0 - eps))
+
+
+def is_finite(x: Array | None) -> bool:
+    return x is None or bool(np.all(np.isfinite(x)))
+
+
+DEAD_RELU_ADVICE = (
+    "no gradient flows through dead units; lower the learning rate, "
+    "use leaky_relu, or initialise biases slightly positive"
+)
+SATURATION_ADVICE = {
+    "sigmoid": "saturated sigmoids pass almost no gradient; prefer tanh or relu, "
+    "or scale the inputs and weights down (Xavier init)",
+    "tanh": "saturated tanh units pass almost no gradient; scale the inputs and weights down "
+    "(Xavier init) or use relu",
+}
+
+
+def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostics:
+    program = result.program
+    gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
+    findings: list[Finding] = []
+    for i, op in enumerate(program.ops):
+        if op not in gates:
+            continue
+        if op == "relu":
+            flagged = is_dead(result.values[program.operands[i][0]])
+        else:
+            flagged = is_saturated(result.values[i], op, thresholds.saturation_eps)
+        stats = gates[op]
+        stats.nodes += 1
+        stats.elements += flagged.size
+        stats.flagged += int(np.count_nonzero(flagged))
+        finding = _gate_finding(program.ids[i], op, flagged, thresholds)
+        if finding:
+            findings.append(finding)
+
+    nonfinite = [
+        program.ids[i]
+        for i in range(len(program))
+        if not (is_finite(result.values[i]) and is_finite(result.grads[i]))
+    ]
+    if nonfinite:
+        findings.append(_nonfinite_finding(result, nonfinite[0], len(nonfinite)))
+    findings.extend(_exploding_leaf_findings(result, thresholds))
+
+    params = [i for i, op in enumerate(program.ops) if op == "param"]
+    return GraphDiagnostics(
+        relu=gates["relu"],
+        sigmoid=gates["sigmoid"],
+        tanh=gates["tanh"],
+        nonfinite_nodes=nonfinite,
+        parameter_tensors=len(params),
+        parameter_total=sum(result.values[i].size for i in params),
+        findings=findings,
+    )
+
+
+def _gate_finding(node: str, op: str, flagged: Array, thresholds: Thresholds) -> Finding | None:
+    fraction = float(np.count_nonzero(flagged)) / flagged.size if flagged.size else 0.0
+    if op == "relu":
+        severity = grade(fraction, thresholds.dead_warn, thresholds.dead_fail)
+        code, what, advice = "dead_relu", "dead (input <= 0)", DEAD_RELU_ADVICE
+    else:
+        severity = grade(fraction, thresholds.saturated_warn, thresholds.saturated_fail)
+        code, what = f"saturated_{op}", f"saturated (within {thresholds.saturation_eps} of a bound)"
+        advice = SATURATION_ADVICE[op]
+    if severity == "ok":
+        return None
+    count = int(np.count_nonzero(flagged))
+    message = (
+        f"{op} node {node!r}: {count} of {flagged.size} elements ({fraction:.0%}) are {what}; "
+        f"{advice}."
+    )
+    return Finding(code, severity, node, message)
+
+
+def _nonfinite_finding(result: Result, first: str, count: int) -> Finding:
+    i = result.program.ids.index(first)
+    where = "value" if not is_finite(result.values[i]) else "gradient"
+    return Finding(
+        "nonfinite",
+        "fail",
+        first,
+        f"a non-finite {where} first appears at node {first!r} ({result.program.ops[i]}); "
+        f"{count} node(s) hold NaN or Infinity. Look for overflow (exp, pow), log or sqrt of "
+        "values <= 0, or division by zero there.",
+    )
+
+
+def _exploding_leaf_findings(result: Result, thresholds: Thresholds) -> list[Finding]:
+    findings = []
+    program = result.program
+    for i, op in enumerate(program.ops):
+        grad = result.grads[i]
+        if op not in ("input", "param") or grad is None or not is_finite(grad):
+            continue
+        with np.errstate(over="ignore"):
+            norm = float(np.linalg.norm(grad))
+        if norm > thresholds.exploding_norm:
+            findings.append(
+                Finding(
+                    "exploding_gradient",
+                    "warn",
+                    program.ids[i],
+                    f"the gradient of {program.ids[i]!r} has norm {norm:.3g}, above "
+                    f"{thresholds.exploding_norm:g}; lower the learning rate, clip gradients, "
+                    "or scale the inputs down.",
+                )
+            )
+    return findings

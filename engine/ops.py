@@ -1,0 +1,519 @@
+"""The op table: every op's forward and backward, side by side.
+
+Each op is a pair of functions in the style of the CS231n `layers.py`:
+
+    out, cache = <op>_forward(*operands, **attrs)
+    d_operands = <op>_backward(dout, cache)  # one gradient per operand (None: none)
+
+`dout` has the shape of `out`. A backward may return a gradient with the *broadcast* shape of
+the op; the graph sums it back to each operand's shape (see `graph.unbroadcast`), so the ops
+stay as short as their formulas. No backward writes into `dout`: gradients may be shared
+between nodes (a fork hands the same array to both operands).
+
+At kinks the rules follow PyTorch so results can be checked against it: relu'(0) = 0,
+abs'(0) = 0, leaky_relu'(0) = alpha, and a tie in max/min splits the gradient equally.
+
+`OPS` is the only place that knows what an op does; adding an op is one entry here plus its
+row in the tests' gradient-check table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.errors import ShapeError, ValueDomainError
+
+Array = np.ndarray[Any, np.dtype[Any]]
+Shape = tuple[int, ...]
+Cache = Any
+Grads = tuple[Array | None, ...]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One entry of the table. `shape` infers the output shape before anything is computed,
+    so that shape errors and size limits are found before a large allocation."""
+
+    name: str
+    arity: int
+    meaning: str
+    forward: Callable[..., tuple[Array, Cache]]
+    backward: Callable[[Array, Cache], Grads]
+    shape: Callable[..., Shape]
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    # How the op routes gradient, in the CS231n notes' words (used to explain gates).
+    role: str = ""
+    # Floating-point operations for the work estimate, from operand and output shapes.
+    flops: Callable[[Sequence[Shape], Shape], int] = lambda ins, out: math.prod(out)
+
+
+# --- shape rules ------------------------------------------------------------------------
+
+
+def same_shape(x: Shape) -> Shape:
+    return x
+
+
+def broadcast_shape(a: Shape, b: Shape) -> Shape:
+    try:
+        return tuple(np.broadcast_shapes(a, b))
+    except ValueError:
+        raise ShapeError(f"shapes {list(a)} and {list(b)} do not broadcast") from None
+
+
+def _normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    for ax in axes:
+        if not -ndim <= ax < ndim:
+            raise ShapeError(f"axis {ax} is out of range for a tensor of rank {ndim}")
+    normalized = tuple(sorted(ax % ndim for ax in axes)) if ndim else ()
+    if len(set(normalized)) != len(normalized):
+        raise ShapeError(f"axis {list(axes)} names an axis twice")
+    return normalized
+
+
+def reduce_shape(
+    x: Shape, axis: int | Sequence[int] | None = None, keepdims: bool = False
+) -> Shape:
+    axes = _normalize_axes(axis, len(x))
+    if keepdims:
+        return tuple(1 if i in axes else n for i, n in enumerate(x))
+    return tuple(n for i, n in enumerate(x) if i not in axes)
+
+
+def _transpose_axes(ndim: int, axes: Sequence[int] | None) -> tuple[int, ...]:
+    if axes is None:
+        return tuple(reversed(range(ndim)))
+    if sorted(ax % ndim if ndim else ax for ax in axes) != list(range(ndim)):
+        raise ShapeError(f"axes {list(axes)} is not a permutation of the {ndim} axes")
+    return tuple(ax % ndim for ax in axes)
+
+
+def transpose_shape(x: Shape, axes: Sequence[int] | None = None) -> Shape:
+    return tuple(x[i] for i in _transpose_axes(len(x), axes))
+
+
+def matmul_shape(a: Shape, b: Shape) -> Shape:
+    """NumPy's matmul rules: 1-D operands are promoted to a row (a) or a column (b)."""
+    if not a or not b:
+        raise ShapeError("matmul needs operands of rank 1 or more, not scalars")
+    a2 = (1, *a) if len(a) == 1 else a
+    b2 = (*b, 1) if len(b) == 1 else b
+    if a2[-1] != b2[-2]:
+        raise ShapeError(f"matmul of {list(a)} and {list(b)}: inner sizes {a2[-1]} != {b2[-2]}")
+    batch = broadcast_shape(a2[:-2], b2[:-2])
+    out = (*batch, a2[-2], b2[-1])
+    if len(a) == 1:
+        out = out[:-2] + out[-1:]
+    if len(b) == 1:
+        out = out[:-1]
+    return out
+
+
+def matmul_flops(ins: Sequence[Shape], out: Shape) -> int:
+    inner = ins[0][-1]
+    return 2 * inner * max(1, math.prod(out))
+
+
+def scalar_loss_shape(scores: Shape, targets: Shape) -> Shape:
+    broadcast_shape(scores, targets)
+    return ()
+
+
+def class_loss_shape(scores: Shape, labels: Shape) -> Shape:
+    if len(scores) != 2:
+        raise ShapeError(f"scores must be (N, C), got {list(scores)}")
+    if labels != scores[:1]:
+        raise ShapeError(f"labels must be (N,) = {[scores[0]]}, one per row, got {list(labels)}")
+    if scores[1] == 0:
+        raise ShapeError("scores need at least one class")
+    return ()
+
+
+# --- elementwise binary ops -------------------------------------------------------------
+
+
+def add_forward(a: Array, b: Array) -> tuple[Array, Cache]:
+    return a + b, None
+
+
+def add_backward(dout: Array, cache: Cache) -> Grads:
+    return dout, dout
+
+
+def sub_forward(a: Array, b: Array) -> tuple[Array, Cache]:
+    return a - b, None
+
+
+def sub_backward(dout: Array, cache: Cache) -> Grads:
+    return dout, -dout
+
+
+def mul_forward(a: Array, b: Array) -> tuple[Array, Cache]:
+    return a * b, (a, b)
+
+
+def mul_backward(dout: Array, cache: Cache) -> Grads:
+    a, b = cache
+    return dout * b, dout * a
+
+
+def div_forward(a: Array, b: Array) -> tuple[Array, Cache]:
+    out = a / b
+    return out, (b, out)
+
+
+def div_backward(dout: Array, cache: Cache) -> Grads:
+    b, out = cache
+    da = dout / b
+    return da, -da * out
+
+
+def pow_forward(base: Array, exponent: Array) -> tuple[Array, Cache]:
+    out = base**exponent
+    return out, (base, exponent, out)
+
+
+def pow_backward(dout: Array, cache: Cache) -> Grads:
+    base, exponent, out = cache
+    # PyTorch: d/dbase is 0 where exponent == 0; d/dexponent is 0 where base == 0, exponent >= 0.
+    dbase = np.where(exponent == 0, 0.0, exponent * base ** (exponent - 1))
+    dexponent = np.where((base == 0) & (exponent >= 0), 0.0, out * np.log(base))
+    return dout * dbase, dout * dexponent
+
+
+def _pick_forward(a: Array, b: Array, larger: bool) -> tuple[Array, Cache]:
+    wins = a > b if larger else a < b
+    ties = a == b
+    # The winner takes the gradient; a tie splits it equally (PyTorch's maximum/minimum).
+    share_a = np.where(wins, 1.0, np.where(ties, 0.5, 0.0)).astype(np.result_type(a, b))
+    return (np.maximum(a, b) if larger else np.minimum(a, b)), share_a
+
+
+def max_forward(a: Array, b: Array) -> tuple[Array, Cache]:
+    return _pick_forward(a, b, larger=True)
+
+
+def min_forward(a: Array, b: Array) -> tuple[Array, Cache]:
+    return _pick_forward(a, b, larger=False)
+
+
+def pick_backward(dout: Array, share_a: Cache) -> Grads:
+    return dout * share_a, dout * (1.0 - share_a)
+
+
+# --- elementwise unary ops --------------------------------------------------------------
+
+
+def neg_forward(x: Array) -> tuple[Array, Cache]:
+    return -x, None
+
+
+def neg_backward(dout: Array, cache: Cache) -> Grads:
+    return (-dout,)
+
+
+def exp_forward(x: Array) -> tuple[Array, Cache]:
+    out = np.exp(x)
+    return out, out
+
+
+def exp_backward(dout: Array, out: Cache) -> Grads:
+    return (dout * out,)
+
+
+def log_forward(x: Array) -> tuple[Array, Cache]:
+    return np.log(x), x
+
+
+def log_backward(dout: Array, x: Cache) -> Grads:
+    return (dout / x,)
+
+
+def sqrt_forward(x: Array) -> tuple[Array, Cache]:
+    out = np.sqrt(x)
+    return out, out
+
+
+def sqrt_backward(dout: Array, out: Cache) -> Grads:
+    return (dout * 0.5 / out,)
+
+
+def square_forward(x: Array) -> tuple[Array, Cache]:
+    return x * x, x
+
+
+def square_backward(dout: Array, x: Cache) -> Grads:
+    return (dout * 2.0 * x,)
+
+
+def abs_forward(x: Array) -> tuple[Array, Cache]:
+    return np.abs(x), x
+
+
+def abs_backward(dout: Array, x: Cache) -> Grads:
+    return (dout * np.sign(x),)  # sign(0) = 0: abs'(0) = 0
+
+
+def reciprocal_forward(x: Array) -> tuple[Array, Cache]:
+    out = 1.0 / x
+    return out, out
+
+
+def reciprocal_backward(dout: Array, out: Cache) -> Grads:
+    return (-dout * out * out,)
+
+
+def relu_forward(x: Array) -> tuple[Array, Cache]:
+    passes = x > 0  # relu'(0) = 0
+    return np.where(passes, x, 0.0).astype(x.dtype), passes
+
+
+def relu_backward(dout: Array, passes: Cache) -> Grads:
+    return (np.where(passes, dout, 0.0).astype(dout.dtype),)  # a blocked inf stays 0
+
+
+def leaky_relu_forward(x: Array, alpha: float = 0.01) -> tuple[Array, Cache]:
+    slope = np.where(x > 0, 1.0, alpha).astype(x.dtype)  # leaky_relu'(0) = alpha
+    return x * slope, slope
+
+
+def leaky_relu_backward(dout: Array, slope: Cache) -> Grads:
+    return (dout * slope,)
+
+
+def sigmoid_forward(x: Array) -> tuple[Array, Cache]:
+    # exp(-|x|) never overflows; each branch is the stable form for its sign.
+    e = np.exp(-np.abs(x))
+    out = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype)
+    return out, out
+
+
+def sigmoid_backward(dout: Array, out: Cache) -> Grads:
+    return (dout * out * (1.0 - out),)
+
+
+def tanh_forward(x: Array) -> tuple[Array, Cache]:
+    out = np.tanh(x)
+    return out, out
+
+
+def tanh_backward(dout: Array, out: Cache) -> Grads:
+    return (dout * (1.0 - out * out),)
+
+
+# --- linear algebra and reductions ------------------------------------------------------
+
+
+def matmul_forward(a: Array, b: Array) -> tuple[Array, Cache]:
+    return np.matmul(a, b), (a, b)
+
+
+def matmul_backward(dout: Array, cache: Cache) -> Grads:
+    """a: (..., n, k) or (k,); b: (..., k, m) or (k,); dout: the matmul's output shape.
+
+    1-D operands are promoted as NumPy promotes them, the 2-D rule is applied
+    (da = dout @ b.T, db = a.T @ dout), and the promotion is undone."""
+    a, b = cache
+    a2 = a[np.newaxis, :] if a.ndim == 1 else a
+    b2 = b[:, np.newaxis] if b.ndim == 1 else b
+    dout2 = dout
+    if b.ndim == 1:
+        dout2 = dout2[..., np.newaxis]
+    if a.ndim == 1:
+        dout2 = dout2[..., np.newaxis, :]
+    da = np.matmul(dout2, np.swapaxes(b2, -1, -2))
+    db = np.matmul(np.swapaxes(a2, -1, -2), dout2)
+    da = _sum_to(da, a2.shape).reshape(a.shape)
+    db = _sum_to(db, b2.shape).reshape(b.shape)
+    return da, db
+
+
+def _sum_to(g: Array, shape: Shape) -> Array:
+    """Sum leading batch axes that broadcasting added (matmul's batch dims)."""
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    kept = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=kept, keepdims=True) if kept else g
+
+
+def transpose_forward(x: Array, axes: Sequence[int] | None = None) -> tuple[Array, Cache]:
+    order = _transpose_axes(x.ndim, axes)
+    return np.transpose(x, order), order
+
+
+def transpose_backward(dout: Array, order: Cache) -> Grads:
+    return (np.transpose(dout, np.argsort(order)),)
+
+
+def sum_forward(
+    x: Array, axis: int | Sequence[int] | None = None, keepdims: bool = False
+) -> tuple[Array, Cache]:
+    axes = _normalize_axes(axis, x.ndim)
+    return np.sum(x, axis=axes, keepdims=keepdims), (x.shape, axes, keepdims)
+
+
+def sum_backward(dout: Array, cache: Cache) -> Grads:
+    shape, axes, keepdims = cache
+    if not keepdims:
+        dout = np.expand_dims(dout, axes)
+    return (np.broadcast_to(dout, shape),)
+
+
+def mean_forward(
+    x: Array, axis: int | Sequence[int] | None = None, keepdims: bool = False
+) -> tuple[Array, Cache]:
+    axes = _normalize_axes(axis, x.ndim)
+    count = math.prod(x.shape[i] for i in axes)
+    return np.sum(x, axis=axes, keepdims=keepdims) / count, (x.shape, axes, keepdims, count)
+
+
+def mean_backward(dout: Array, cache: Cache) -> Grads:
+    shape, axes, keepdims, count = cache
+    (dx,) = sum_backward(dout, (shape, axes, keepdims))
+    assert dx is not None
+    return (dx / count,)
+
+
+# --- losses: (scores, targets) -> scalar ------------------------------------------------
+
+
+def mse_forward(scores: Array, targets: Array) -> tuple[Array, Cache]:
+    """Mean over all elements of (scores - targets)^2."""
+    diff = scores - targets
+    return np.mean(diff * diff), diff
+
+
+def mse_backward(dout: Array, diff: Cache) -> Grads:
+    dscores = dout * (2.0 / diff.size) * diff
+    return dscores, -dscores
+
+
+def _class_labels(scores: Array, labels: Array) -> Array:
+    classes = scores.shape[1]
+    with np.errstate(invalid="ignore"):
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        in_range = whole & (labels >= 0) & (labels < classes)
+    if not np.all(in_range):
+        bad = int(np.argmin(in_range))
+        raise ValueDomainError(
+            f"label {labels[bad]!r} at row {bad} is not an integer class in [0, {classes})"
+        )
+    return labels.astype(np.intp)
+
+
+def softmax_cross_entropy_forward(scores: Array, labels: Array) -> tuple[Array, Cache]:
+    """scores: (N, C); labels: (N,) integer classes. Mean over rows of -log softmax[label]."""
+    y = _class_labels(scores, labels)
+    rows = np.arange(scores.shape[0])
+    shifted = scores - np.max(scores, axis=1, keepdims=True)  # log-softmax with the max out
+    log_probs = shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+    loss = -np.mean(log_probs[rows, y])
+    return loss, (np.exp(log_probs), rows, y)
+
+
+def softmax_cross_entropy_backward(dout: Array, cache: Cache) -> Grads:
+    probs, rows, y = cache
+    dscores = probs.copy()
+    dscores[rows, y] -= 1.0
+    return dout * dscores / len(rows), None
+
+
+def svm_hinge_forward(scores: Array, labels: Array) -> tuple[Array, Cache]:
+    """scores: (N, C); labels: (N,). Mean over rows of sum_{j != y} max(0, s_j - s_y + 1)."""
+    y = _class_labels(scores, labels)
+    rows = np.arange(scores.shape[0])
+    margins = np.maximum(0.0, scores - scores[rows, y][:, np.newaxis] + 1.0)
+    margins[rows, y] = 0.0
+    return np.sum(margins) / scores.shape[0], (margins > 0, rows, y)  # margin 0: no gradient
+
+
+def svm_hinge_backward(dout: Array, cache: Cache) -> Grads:
+    positive, rows, y = cache
+    dscores = positive.astype(dout.dtype)
+    dscores[rows, y] = -np.sum(positive, axis=1)
+    return dout * dscores / len(rows), None
+
+
+# --- the table --------------------------------------------------------------------------
+
+_DISTRIBUTES = "add gate: distributes the gradient unchanged to every input"
+_SWAPS = "mul gate: scales each input's gradient by the other input (swap)"
+_ROUTES = "max gate: routes the whole gradient to the larger input (a tie splits it)"
+_LOCAL = "scales the gradient by its local derivative"
+_AXIS = "int or list of ints; the axes to reduce (default: all)"
+_KEEPDIMS = "bool; keep reduced axes with size 1 (default false)"
+
+_TABLE: list[Op] = [
+    Op("add", 2, "a + b (broadcasting)", add_forward, add_backward, broadcast_shape,
+       role=_DISTRIBUTES),
+    Op("sub", 2, "a - b (broadcasting)", sub_forward, sub_backward, broadcast_shape,
+       role="sub gate: passes the gradient to a unchanged and negated to b"),
+    Op("mul", 2, "a * b elementwise (broadcasting)", mul_forward, mul_backward, broadcast_shape,
+       role=_SWAPS),
+    Op("div", 2, "a / b (broadcasting)", div_forward, div_backward, broadcast_shape,
+       role="div gate: da = g / b, db = -g * a / b^2"),
+    Op("pow", 2, "base ** exponent (broadcasting)", pow_forward, pow_backward, broadcast_shape,
+       role=_LOCAL),
+    Op("max", 2, "elementwise maximum of a and b", max_forward, pick_backward, broadcast_shape,
+       role=_ROUTES),
+    Op("min", 2, "elementwise minimum of a and b", min_forward, pick_backward, broadcast_shape,
+       role="min gate: routes the whole gradient to the smaller input (a tie splits it)"),
+    Op("neg", 1, "-x", neg_forward, neg_backward, same_shape, role="negates the gradient"),
+    Op("exp", 1, "e ** x", exp_forward, exp_backward, same_shape, role=_LOCAL),
+    Op("log", 1, "natural logarithm", log_forward, log_backward, same_shape, role=_LOCAL),
+    Op("sqrt", 1, "square root", sqrt_forward, sqrt_backward, same_shape, role=_LOCAL),
+    Op("square", 1, "x * x", square_forward, square_backward, same_shape, role=_LOCAL),
+    Op("abs", 1, "|x| (abs'(0) = 0)", abs_forward, abs_backward, same_shape, role=_LOCAL),
+    Op("reciprocal", 1, "1 / x", reciprocal_forward, reciprocal_backward, same_shape,
+       role=_LOCAL),
+    Op("relu", 1, "max(0, x) (relu'(0) = 0)", relu_forward, relu_backward, same_shape,
+       role="relu gate: passes the gradient where x > 0 and blocks it elsewhere"),
+    Op("leaky_relu", 1, "x if x > 0 else alpha * x", leaky_relu_forward, leaky_relu_backward,
+       same_shape, attrs={"alpha": "number; the slope for x <= 0 (default 0.01)"},
+       role="passes the gradient where x > 0 and scales it by alpha elsewhere"),
+    Op("sigmoid", 1, "1 / (1 + e^-x), computed stably", sigmoid_forward, sigmoid_backward,
+       same_shape, role="sigmoid gate: scales the gradient by s * (1 - s)"),
+    Op("tanh", 1, "hyperbolic tangent", tanh_forward, tanh_backward, same_shape,
+       role="tanh gate: scales the gradient by 1 - t^2"),
+    Op("matmul", 2, "matrix product a @ b (NumPy rules)", matmul_forward, matmul_backward,
+       matmul_shape, flops=matmul_flops,
+       role="matmul gate: da = g @ b.T, db = a.T @ g (each input scaled by the other: swap)"),
+    Op("transpose", 1, "reverses the axes (or permutes them by attrs.axes)", transpose_forward,
+       transpose_backward, transpose_shape,
+       attrs={"axes": "list of ints; a permutation of the axes (default: reversed)"},
+       role="transposes the gradient back"),
+    Op("sum", 1, "sum over attrs.axis (all axes by default)", sum_forward, sum_backward,
+       reduce_shape, attrs={"axis": _AXIS, "keepdims": _KEEPDIMS},
+       role="sum gate: copies the gradient to every summed element"),
+    Op("mean", 1, "mean over attrs.axis (all axes by default)", mean_forward, mean_backward,
+       reduce_shape, attrs={"axis": _AXIS, "keepdims": _KEEPDIMS},
+       role="mean gate: copies the gradient / count to every averaged element"),
+    Op("mse", 2, "loss: mean over all elements of (scores - targets)^2", mse_forward,
+       mse_backward, scalar_loss_shape, role="loss: d/dscores = 2 (scores - targets) / n"),
+    Op("softmax_cross_entropy", 2,
+       "loss: mean over rows of -log softmax(scores)[label]; labels (N,) integer classes",
+       softmax_cross_entropy_forward, softmax_cross_entropy_backward, class_loss_shape,
+       role="loss: d/dscores = (softmax - onehot) / N; labels get no gradient"),
+    Op("svm_hinge", 2,
+       "loss: mean over rows of sum over wrong classes of max(0, s_j - s_label + 1)",
+       svm_hinge_forward, svm_hinge_backward, class_loss_shape,
+       role="loss: +1 per violated margin, -count at the label, / N; labels get no gradient"),
+]  # fmt: skip
+
+OPS: dict[str, Op] = {op.name: op for op in _TABLE}
+
+# Leaves hold a value instead of computing one. Only `const` gets no gradient.
+LEAF_OPS: dict[str, str] = {
+    "input": "a variable: gets a gradient",
+    "param": "a learnable variable: gets a gradient and counts in `parameters`",
+    "const": "a constant: no gradient",
+}

@@ -1,0 +1,41 @@
+"""Wire tensors (numbers, "NaN"/"Infinity" strings, nested lists) to and from NumPy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from engine.errors import ShapeError
+from engine.ops import Array
+
+
+def to_array(
+    value: Any, loc: Sequence[str | int], dtype: Any = np.float64, node: str | None = None
+) -> Array:
+    """A validated wire tensor as an array. The wire schema has already refused anything
+    but numbers, the three non-finite strings and lists; NumPy parses those strings."""
+    try:
+        return np.array(value, dtype=dtype)
+    except ValueError:
+        raise ShapeError(
+            "the nested list is ragged: every row of a tensor must have the same length",
+            loc=loc,
+            node=node,
+        ) from None
+
+
+def to_wire(array: Any) -> Any:
+    """An array as JSON-ready Python: nested lists of floats, non-finite values as strings."""
+    array = np.asarray(array)
+    if array.dtype.kind == "b":
+        return array.tolist()
+    finite = np.isfinite(array)
+    if finite.all():
+        return array.tolist()
+    as_objects = array.astype(object)
+    as_objects[np.isnan(array)] = "NaN"
+    as_objects[array == np.inf] = "Infinity"
+    as_objects[array == -np.inf] = "-Infinity"
+    return as_objects.tolist()

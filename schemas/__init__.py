@@ -1,0 +1,1 @@
+"""gradiag's wire format: Pydantic v2 models and nothing else."""

@@ -1,0 +1,80 @@
+"""Wire types shared by every endpoint: tensors, thresholds, health, problems."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
+from typing_extensions import TypeAliasType
+
+# Numbers are strict (no "1e3", no true); non-finite values travel as the protobuf JSON strings.
+NonFinite = Literal["NaN", "Infinity", "-Infinity"]
+Number = Annotated[
+    StrictFloat | NonFinite,
+    Field(description='A number, or "NaN", "Infinity", "-Infinity"'),
+]
+Tensor = TypeAliasType(
+    "Tensor",
+    "Number | list[Tensor]",
+    # A scalar, or a rectangular nested list (the engine refuses ragged lists by path).
+)
+NodeId = Annotated[str, Field(min_length=1, max_length=200, description="A node id")]
+
+
+class WireModel(BaseModel):
+    """Strict: no lax coercion, misspelled fields are errors."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", ser_json_inf_nan="strings")
+
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Thresholds(WireModel):
+    """Where health findings start; every field is optional and overrides one default."""
+
+    dead_warn: Fraction = Field(0.10, description="dead ReLU fraction that warns")
+    dead_fail: Fraction = Field(0.50, description="dead ReLU fraction that fails")
+    saturated_warn: Fraction = Field(0.10, description="saturated fraction that warns")
+    saturated_fail: Fraction = Field(0.50, description="saturated fraction that fails")
+    saturation_eps: float = Field(
+        0.01, gt=0.0, lt=0.5, description="a sigmoid/tanh output within eps of a bound"
+    )
+    vanishing_ratio: float = Field(
+        1e-3, gt=0.0, description="||dW first layer|| / ||dW last layer|| below this warns"
+    )
+    exploding_norm: float = Field(1e3, gt=0.0, description="a gradient norm above this warns")
+
+
+class Finding(BaseModel):
+    code: str = Field(
+        description="dead_relu, saturated_sigmoid, saturated_tanh, "
+        "vanishing_gradient, exploding_gradient, nonfinite, ..."
+    )
+    severity: Literal["warn", "fail"]
+    location: str = Field(description="the node id or layer (layer1, ...) at fault")
+    message: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "warn", "fail"]
+    findings: list[Finding]
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="path to the field at fault")
+    msg: str
+    node: str | None = Field(None, description="the id of the node at fault, when there is one")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (application/problem+json)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[ErrorItem] | None = None
+    limit: str | None = Field(None, description="the limit that was exceeded")
+    limit_value: float | None = Field(None, description="that limit's configured value")

@@ -1,0 +1,37 @@
+"""gradiag's HTTP service: a Flask application factory (see `create_app`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, Response
+
+from service.config import Settings
+from service.errors import register_error_handlers
+
+
+def create_app(settings: Settings | None = None, **flask_config: Any) -> Flask:
+    """Build the app. Settings come from the environment unless given (tests give them)."""
+    app = Flask(__name__)
+    app.config.update(
+        GRADIAG=settings or Settings.from_env(),
+        MAX_CONTENT_LENGTH=None,  # enforced in service.body, chunked uploads included
+        DEBUG=False,
+        **flask_config,
+    )
+    register_error_handlers(app)
+
+    from service.openapi import openapi_document
+    from service.routes import api, json_response, probes
+
+    app.register_blueprint(api)
+    app.register_blueprint(probes)
+
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        return json_response(openapi_document())
+
+    return app
+
+
+__all__ = ["create_app"]

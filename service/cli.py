@@ -1,0 +1,50 @@
+"""The `gradiag` command line: `gradiag serve` runs the service under gunicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradiag", description="Gradient diagnostics.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service under gunicorn")
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000 or $PORT)")
+    serve.add_argument("--workers", type=int, default=None, help="worker processes")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    for name, value in (("HOST", args.host), ("PORT", args.port), ("WORKERS", args.workers)):
+        if value is not None:
+            env[f"GRADIAG_{name}"] = str(value)
+    from service.config import ConfigError, Settings
+
+    try:
+        Settings.from_env(env)  # refuse a bad setting before any worker starts
+    except ConfigError as err:
+        print(f"gradiag: {err}", file=sys.stderr)
+        return 2
+    argv = [
+        sys.executable, "-m", "gunicorn",
+        "-c", "python:service.gunicorn_conf",
+        "service:create_app()",
+    ]  # fmt: skip
+    os.execvpe(sys.executable, argv, env)
+    return 0  # not reached
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

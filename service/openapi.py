@@ -1,0 +1,96 @@
+"""The OpenAPI 3.1 document, assembled from the Pydantic wire models."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from schemas.common import Problem
+from schemas.graph import GraphRequest, GraphResponse
+from schemas.service import OpsResponse, ProbeResponse
+
+_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+    (GraphRequest, "validation"),
+    (GraphResponse, "serialization"),
+    (OpsResponse, "serialization"),
+    (ProbeResponse, "serialization"),
+    (Problem, "serialization"),
+]
+
+_ERRORS = {
+    "400": "Malformed JSON",
+    "413": "Body over the size limit",
+    "415": "Not application/json",
+    "422": "Valid JSON but not a valid graph (the errors point at the field or node)",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _problems(codes: list[str]) -> dict[str, Any]:
+    return {
+        code: {
+            "description": _ERRORS[code],
+            "content": {"application/problem+json": {"schema": _ref(Problem)}},
+        }
+        for code in codes
+    }
+
+
+def _post(summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request)}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The report",
+                    "content": {"application/json": {"schema": _ref(response)}},
+                },
+                **_problems(["400", "413", "415", "422"]),
+            },
+        }
+    }
+
+
+def _get(summary: str, response: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": _ref(response)}},
+                }
+            },
+        }
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    _, schema = models_json_schema(_MODELS, ref_template="#/components/schemas/{model}")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gradiag",
+            "version": "1",
+            "description": "Gradient diagnostics: forward and backprop through JSON graphs "
+            "and networks, with dead-ReLU, saturation and health findings.",
+        },
+        "paths": {
+            "/v1/graph": _post("Forward and backward through a graph", GraphRequest, GraphResponse),
+            "/v1/ops": _get("The op catalogue", OpsResponse),
+            "/healthz": _get("Liveness", ProbeResponse),
+            "/readyz": _get("Readiness", ProbeResponse),
+        },
+        "components": {"schemas": schema.get("$defs", {})},
+    }
