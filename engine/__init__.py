@@ -8,6 +8,15 @@ off the result.
 from engine.diagnostics import Finding, GraphDiagnostics, Thresholds, graph_diagnostics
 from engine.errors import EngineError, GraphError, LimitError, ShapeError, ValueDomainError
 from engine.graph import Limits, NodeSpec, Program, Result, compile_graph, run
+from engine.network import (
+    NetworkDiagnostics,
+    NetworkLimits,
+    NetworkSpec,
+    check_network,
+    check_network_limits,
+    lower,
+    network_diagnostics,
+)
 from engine.ops import LEAF_OPS, OPS, Op
 
 __all__ = [
@@ -19,6 +28,9 @@ __all__ = [
     "GraphError",
     "LimitError",
     "Limits",
+    "NetworkDiagnostics",
+    "NetworkLimits",
+    "NetworkSpec",
     "NodeSpec",
     "Op",
     "Program",
@@ -26,7 +38,11 @@ __all__ = [
     "ShapeError",
     "Thresholds",
     "ValueDomainError",
+    "check_network",
+    "check_network_limits",
     "compile_graph",
     "graph_diagnostics",
+    "lower",
+    "network_diagnostics",
     "run",
 ]

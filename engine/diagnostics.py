@@ -6,6 +6,7 @@ produced, so the graph and network reports describe the same numbers they return
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -90,7 +91,11 @@ def is_saturated(activation: Array, kind: str, eps: float) -> Array:
 
 
 def is_finite(x: Array | None) -> bool:
-    return x is None or bool(np.all(np.isfinite(x)))
+    if x is None:
+        return True
+    if x.ndim == 0:  # scalar graphs have one node per number: skip NumPy's per-call overhead
+        return math.isfinite(float(x))
+    return bool(np.all(np.isfinite(x)))
 
 
 DEAD_RELU_ADVICE = (

@@ -301,7 +301,9 @@ def backward(
                 # A new array, never `+=`: the slot may alias a gradient another node holds.
                 grads[j] = d if grads[j] is None else grads[j] + d
     for i in range(n):  # unreached (or not differentiable) nodes: gradient 0
-        if grads[i] is None and program.ops[i] != "const":
+        if program.ops[i] == "const":
+            grads[i] = None  # even when the const is the output and was seeded above
+        elif grads[i] is None:
             grads[i] = np.zeros(program.shapes[i], program.dtype)
     return grads
 

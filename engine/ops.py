@@ -55,7 +55,8 @@ class Op:
 # --- shape rules ------------------------------------------------------------------------
 
 
-def same_shape(x: Shape) -> Shape:
+def same_shape(x: Shape, **attrs: Any) -> Shape:
+    """Elementwise unary ops; their attrs (leaky_relu's alpha) do not change the shape."""
     return x
 
 
@@ -91,7 +92,8 @@ def reduce_shape(
 def _transpose_axes(ndim: int, axes: Sequence[int] | None) -> tuple[int, ...]:
     if axes is None:
         return tuple(reversed(range(ndim)))
-    if sorted(ax % ndim if ndim else ax for ax in axes) != list(range(ndim)):
+    in_range = all(-ndim <= ax < ndim for ax in axes)
+    if not in_range or sorted(ax % ndim for ax in axes) != list(range(ndim)):
         raise ShapeError(f"axes {list(axes)} is not a permutation of the {ndim} axes")
     return tuple(ax % ndim for ax in axes)
 
@@ -210,6 +212,14 @@ def pick_backward(dout: Array, share_a: Cache) -> Grads:
 
 
 # --- elementwise unary ops --------------------------------------------------------------
+
+
+def identity_forward(x: Array) -> tuple[Array, Cache]:
+    return x, None
+
+
+def identity_backward(dout: Array, cache: Cache) -> Grads:
+    return (dout,)
 
 
 def neg_forward(x: Array) -> tuple[Array, Cache]:
@@ -405,7 +415,7 @@ def _class_labels(scores: Array, labels: Array) -> Array:
     if not np.all(in_range):
         bad = int(np.argmin(in_range))
         raise ValueDomainError(
-            f"label {labels[bad]!r} at row {bad} is not an integer class in [0, {classes})"
+            f"label {float(labels[bad])!r} at row {bad} is not an integer class in [0, {classes})"
         )
     return labels.astype(np.intp)
 
@@ -467,6 +477,8 @@ _TABLE: list[Op] = [
        role=_ROUTES),
     Op("min", 2, "elementwise minimum of a and b", min_forward, pick_backward, broadcast_shape,
        role="min gate: routes the whole gradient to the smaller input (a tie splits it)"),
+    Op("identity", 1, "x unchanged (a linear layer's activation)", identity_forward,
+       identity_backward, same_shape, role="passes the gradient through unchanged"),
     Op("neg", 1, "-x", neg_forward, neg_backward, same_shape, role="negates the gradient"),
     Op("exp", 1, "e ** x", exp_forward, exp_backward, same_shape, role=_LOCAL),
     Op("log", 1, "natural logarithm", log_forward, log_backward, same_shape, role=_LOCAL),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ def to_array(
 def to_wire(array: Any) -> Any:
     """An array as JSON-ready Python: nested lists of floats, non-finite values as strings."""
     array = np.asarray(array)
+    if array.ndim == 0 and array.dtype.kind == "f" and math.isfinite(scalar := float(array)):
+        return scalar  # the common case of scalar graphs, without NumPy's per-call overhead
     if array.dtype.kind == "b":
         return array.tolist()
     finite = np.isfinite(array)

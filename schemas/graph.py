@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Discriminator, Field, RootModel, Tag
 
-from schemas.common import Health, NodeId, Tensor, Thresholds, WireModel
+from schemas.common import Health, NodeId, Number, Tensor, Thresholds, WireModel
 
 # The op tags per node shape. A test checks these lists against the engine's op table.
 LEAF_OPS = ("input", "param", "const")
 UNARY_OPS = (
-    "neg", "exp", "log", "sqrt", "square", "abs", "reciprocal", "relu", "sigmoid", "tanh",
+    "identity", "neg", "exp", "log", "sqrt", "square", "abs", "reciprocal", "relu", "sigmoid",
+    "tanh",
 )  # fmt: skip
 BINARY_OPS = ("add", "sub", "mul", "div", "pow", "max", "min", "matmul")
 LOSS_OPS = ("mse", "softmax_cross_entropy", "svm_hinge")
@@ -94,6 +95,28 @@ Node = Annotated[
 ]
 
 
+class GradcheckOptions(WireModel):
+    """`"gradcheck": true` uses these defaults; an object sets any of them."""
+
+    step: float = Field(1e-5, gt=0.0, le=1.0, description="h of the centred difference")
+    tolerance: float = Field(
+        1e-6, ge=0.0, description="passed when the largest relative error is at most this"
+    )
+    max_elements_per_node: int = Field(
+        64, ge=1, le=100_000, description="elements checked per leaf (a seeded sample beyond)"
+    )
+    max_evaluations: int = Field(
+        4096, ge=2, le=100_000, description="forward passes overall (two per element)"
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the element sample")
+
+
+Gradcheck = Annotated[
+    bool | GradcheckOptions,
+    Field(description="compare every gradient with a centred difference: true, or options"),
+]
+
+
 class GraphRequest(WireModel):
     """A computational graph. Nodes may come in any order; the graph must be acyclic."""
 
@@ -102,8 +125,48 @@ class GraphRequest(WireModel):
     output_grad: Tensor | None = Field(
         None, description="upstream gradient at the output (default: all ones)"
     )
-    gradcheck: bool = Field(False, description="also compare every gradient numerically")
+    gradcheck: Gradcheck = False
     thresholds: Thresholds = Thresholds()
+    explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
+
+
+class ExpressionRequest(WireModel):
+    """The alternative body: an expression parsed (never evaluated) into a graph."""
+
+    expression: str = Field(
+        description="numbers, names (keys of `values`), + - * / ** @, unary - and +, "
+        "parentheses and catalogue ops by name: sigmoid(w0*x0 + w1*x1 + w2)"
+    )
+    values: dict[NodeId, Tensor] = Field(
+        default_factory=dict, description="every name is an `input` node with that id"
+    )
+    output_grad: Tensor | None = Field(
+        None, description="upstream gradient at the output (default: all ones)"
+    )
+    gradcheck: Gradcheck = False
+    thresholds: Thresholds = Thresholds()
+    explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
+
+
+BODY_TAGS = ("graph", "expression")
+
+
+def body_kind(body: Any) -> str:
+    """A body with an "expression" key is an expression; anything else is a graph."""
+    if isinstance(body, dict):
+        return "expression" if "expression" in body else "graph"
+    return "expression" if isinstance(body, ExpressionRequest) else "graph"
+
+
+class GraphBody(
+    RootModel[
+        Annotated[
+            Annotated[GraphRequest, Tag("graph")] | Annotated[ExpressionRequest, Tag("expression")],
+            Discriminator(body_kind),
+        ]
+    ]
+):
+    """POST /v1/graph: a graph (`nodes`) or an expression (`expression`)."""
 
 
 # --- response --------------------------------------------------------------------------
@@ -120,6 +183,15 @@ class NodeReport(BaseModel):
     shape: list[int]
     value: Tensor
     grad: Tensor | None = Field(None, description="d(output)/d(node); absent for const nodes")
+    role: str = Field(description="how the op routes gradient (CS231n's gate words); leaf")
+    inputs: list[str] | None = Field(
+        None, description="the operand ids, in order (absent for leaves): the graph's edges"
+    )
+    local_grad: dict[str, Number] | None = Field(
+        None,
+        description="scalar nodes: d(node)/d(operand) by operand id (an operand used twice "
+        "gets the sum)",
+    )
 
 
 class Parameters(BaseModel):
@@ -150,9 +222,58 @@ class Diagnostics(BaseModel):
     )
 
 
+class KinkReport(BaseModel):
+    element: list[int] = Field(description="the leaf element that was perturbed")
+    at: str = Field(description="the kink node whose operand crossed its kink or tie")
+    op: str
+    at_element: list[int]
+    analytic: Number
+    numerical: Number
+    relative_error: Number
+
+
+class NodeGradcheck(BaseModel):
+    max_relative_error: Number = Field(description="over checked elements without a kink")
+    verdict: Literal["good", "ok for kinks", "uncomfortable", "wrong"]
+    elements: int
+    checked: int = Field(description="elements compared (kink crossings included)")
+    worst_element: list[int] | None
+    kink_crossings: int
+    kinks: list[KinkReport] = Field(description="the first few kink crossings")
+    undefined: int = Field(description="elements whose perturbed forward failed (labels)")
+
+
+class GradcheckReport(BaseModel):
+    passed: bool
+    max_relative_error: Number
+    per_node: dict[str, Number] = Field(description="leaf id -> its largest relative error")
+    verdict: Literal["good", "ok for kinks", "uncomfortable", "wrong"]
+    kink_crossings: int
+    nodes: dict[str, NodeGradcheck]
+    step: float
+    tolerance: float
+    evaluations: int = Field(description="forward passes run")
+    complete: bool = Field(description="false when max_evaluations cut the sample short")
+
+
+class LeafExplanation(BaseModel):
+    id: str
+    shape: list[int]
+    grad: Number = Field(description="the gradient (a tensor: its largest-magnitude element)")
+    magnitude: Number = Field(description="|grad| (a tensor: the gradient's norm)")
+    element: list[int]
+    sentence: str
+
+
+class Explanation(BaseModel):
+    leaves: list[LeafExplanation] = Field(description="input and param leaves, by |gradient|")
+
+
 class GraphResponse(BaseModel):
     output: OutputReport
     nodes: dict[str, NodeReport] = Field(description="every node, in topological order")
     parameters: Parameters
     diagnostics: Diagnostics
     health: Health
+    gradcheck: GradcheckReport | None = Field(None, description="with `gradcheck`")
+    explanation: Explanation | None = Field(None, description="with `explain: true`")

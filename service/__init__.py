@@ -21,11 +21,20 @@ def create_app(settings: Settings | None = None, **flask_config: Any) -> Flask:
     )
     register_error_handlers(app)
 
+    # first before_request hook: request id, timing, JSON access log, metrics, GET /metrics
+    from service.observability import register_observability
+
+    register_observability(app)
+
     from service.openapi import openapi_document
     from service.routes import api, json_response, probes
 
     app.register_blueprint(api)
     app.register_blueprint(probes)
+
+    from service.page import page
+
+    app.register_blueprint(page)
 
     @app.get("/openapi.json")
     def openapi() -> Response:

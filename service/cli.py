@@ -1,4 +1,5 @@
-"""The `gradiag` command line: `gradiag serve` runs the service under gunicorn."""
+"""The `gradiag` command line: `gradiag serve` runs the service under gunicorn;
+`gradiag check FILE...` diagnoses files (service.check)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+
+from service.check import add_check_arguments, run_check
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000 or $PORT)")
     serve.add_argument("--workers", type=int, default=None, help="worker processes")
+    check = commands.add_parser(
+        "check",
+        help="diagnose graph, expression or network JSON files (exit 0/1/2/3)",
+        description="Diagnose graph, expression or network files, in process or via --url. "
+        "Exit 0 healthy, 1 fail (or warn with --strict), 2 bad file/4xx/usage, "
+        "3 service unreachable or 5xx.",
+    )
+    add_check_arguments(check)
     return parser
 
 
@@ -43,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "check":
+        return run_check(args)
     return 2
 
 

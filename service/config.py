@@ -6,12 +6,29 @@ Every setting is `GRADIAG_<NAME>`; docs/configuration.md has the table.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, get_type_hints
 
 
 class ConfigError(ValueError):
     """A setting in the environment that cannot be used; the message names it."""
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_ORIGIN = re.compile(r"https?://[^/\s:]+(:[0-9]{1,5})?")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def origin_problem(origin: str) -> str | None:
+    if origin == "*" or _ORIGIN.fullmatch(origin):
+        return None
+    return "is not an origin like https://example.org[:port] or *"
 
 
 @dataclass(frozen=True)
@@ -21,21 +38,81 @@ class Settings:
     max_tensor_elements: int = 4_000_000
     max_total_elements: int = 16_000_000
     max_flops: int = 20_000_000_000
+    max_expression_chars: int = 10_000  # the expression body (docs/expressions.md)
+    # POST /v1/network, checked from the definition before anything is drawn (docs/network.md)
+    max_layers: int = 64
+    max_units: int = 16_384
+    max_batch: int = 65_536
+    # the HTTP server (read by service/gunicorn_conf.py)
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata={"max": 65_535, "fallback": ("PORT",)})
+    workers: int = field(default_factory=available_cpus)
+    timeout: int = 120
+    graceful_timeout: int = 20
+    log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
+    # read and checked here for the features that use them (auth, CORS)
+    api_token: str | None = field(default=None, repr=False, metadata={"secret": True})
+    cors_origins: tuple[str, ...] = field(default=(), metadata={"check": origin_problem})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Each field from `GRADIAG_<NAME>`, parsed by its type; unset or empty: the default."""
         environ = os.environ if environ is None else environ
-        values: dict[str, int] = {}
+        types = get_type_hints(cls)
+        values: dict[str, Any] = {}
         for f in fields(cls):
-            name = f"GRADIAG_{f.name.upper()}"
-            raw = environ.get(name)
-            if raw is None or raw == "":
+            names = (f"GRADIAG_{f.name.upper()}", *f.metadata.get("fallback", ()))
+            name = next((n for n in names if environ.get(n)), None)
+            if name is None:
                 continue
+            raw = environ[name]
             try:
-                value = int(raw.replace("_", ""))
-            except ValueError:
-                raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-            if value <= 0:
-                raise ConfigError(f"{name}={raw!r} must be positive")
-            values[f.name] = value
+                values[f.name] = PARSERS[types[f.name]](raw, f)
+            except ValueError as err:
+                shown = "(hidden)" if f.metadata.get("secret") else repr(raw)
+                raise ConfigError(f"{name}={shown} {err}") from None
         return cls(**values)
+
+
+def _int(raw: str, f: Field[Any]) -> int:
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ValueError("is not a whole number") from None
+    if value <= 0:
+        raise ValueError("must be positive")
+    if value > f.metadata.get("max", value):
+        raise ValueError(f"must be at most {f.metadata['max']}")
+    return value
+
+
+def _str(raw: str, f: Field[Any]) -> str:
+    value = raw.strip()
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        value = value.lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise ValueError("must be printable text without spaces")
+    return value
+
+
+def _str_list(raw: str, f: Field[Any]) -> tuple[str, ...]:
+    """A comma-separated list; each item goes through the field's `check` when it has one."""
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    check: Callable[[str], str | None] | None = f.metadata.get("check")
+    for item in items:
+        problem = check(item) if check else None
+        if problem:
+            raise ValueError(f"has {item!r}, which {problem}")
+    return items
+
+
+# How a setting's text becomes a value, by the field's declared type.
+PARSERS: dict[Any, Callable[[str, Field[Any]], Any]] = {
+    int: _int,
+    str: _str,
+    str | None: _str,
+    tuple[str, ...]: _str_list,
+}

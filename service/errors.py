@@ -7,12 +7,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from engine import EngineError, LimitError
-from schemas.graph import ALL_OPS
+from schemas.graph import ALL_OPS, BODY_TAGS
 
 log = logging.getLogger("gradiag")
 
@@ -87,12 +87,15 @@ TENSOR_MESSAGE = 'must be a number, "NaN", "Infinity", "-Infinity" or a nested l
 
 
 def clean_loc(loc: Iterable[Any]) -> tuple[Any, ...]:
-    """Drop Pydantic's union branch names (`union[...]`, `float`) and discriminator tags."""
+    """Drop Pydantic's union branch names (`union[...]`, `float`) and discriminator tags
+    (the node tags, and the graph/expression tag GraphBody puts first)."""
     out: list[Any] = []
     skip_next = False
-    for part in loc:
+    for k, part in enumerate(loc):
         if skip_next:
             skip_next = False
+            continue
+        if k == 0 and part in BODY_TAGS:
             continue
         if isinstance(part, str) and "[" in part:
             skip_next = part.startswith("union[")  # followed by the branch name
@@ -129,7 +132,8 @@ def engine_problem(err: EngineError) -> ProblemError:
         return ProblemError(
             422, "Over a limit", err.message, errors=[item], limit=err.limit, limit_value=err.value
         )
-    return ProblemError(422, "Invalid graph", err.message, errors=[item])
+    title = "Invalid expression" if err.loc[:1] == ("expression",) else "Invalid graph"
+    return ProblemError(422, title, err.message, errors=[item])
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -145,7 +149,17 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        rid = g.get("request_id")
+        log.exception(
+            "unhandled error on %s %s (request id %s)",
+            request.method,
+            request.path,
+            rid,
+            extra={"request_id": rid},
+        )
         return problem_response(
-            500, "Internal Server Error", "The service failed on this request; it is logged."
+            500,
+            "Internal Server Error",
+            "The service failed on this request; it is logged under its request id.",
+            request_id=rid,
         )

@@ -1,11 +1,28 @@
-"""The graph front end: a validated wire request becomes the engine's `NodeSpec`s."""
+"""The front ends of POST /v1/graph: a validated wire body becomes the engine's `NodeSpec`s
+(graph JSON node by node, an expression through `engine.expression`), and `diagnose` runs
+it: forward, backward, diagnostics, and the gradient check when asked."""
 
 from __future__ import annotations
 
-from engine import NodeSpec, Thresholds
+from dataclasses import dataclass
+
+from engine import (
+    GraphDiagnostics,
+    Limits,
+    NodeSpec,
+    Program,
+    Result,
+    Thresholds,
+    compile_graph,
+    graph_diagnostics,
+    run,
+)
+from engine.expression import parse_expression
+from engine.gradcheck import GradcheckOptions, GradcheckResult, evaluation_budget, gradcheck
 from engine.tensors import to_array
 from schemas.common import Thresholds as WireThresholds
-from schemas.graph import GraphRequest, LeafNode
+from schemas.graph import ExpressionRequest, GraphRequest, LeafNode
+from schemas.graph import GradcheckOptions as WireGradcheckOptions
 
 
 def graph_nodes(request: GraphRequest) -> list[NodeSpec]:
@@ -23,3 +40,63 @@ def graph_nodes(request: GraphRequest) -> list[NodeSpec]:
 
 def engine_thresholds(wire: WireThresholds) -> Thresholds:
     return Thresholds(**wire.model_dump())
+
+
+# --- POST /v1/graph: either body, then forward, backward, diagnostics, gradcheck ---------
+
+
+@dataclass
+class Diagnosed:
+    """One run of a graph body, with what the report needs."""
+
+    result: Result
+    diagnostics: GraphDiagnostics
+    gradcheck: GradcheckResult | None
+    explain: bool
+
+
+def body_program(
+    body: GraphRequest | ExpressionRequest, limits: Limits, *, max_expression_chars: int
+) -> Program:
+    """Either front end, then `compile_graph`: the graph's nodes, or the parsed expression."""
+    if isinstance(body, GraphRequest):
+        return compile_graph(graph_nodes(body), body.output, limits=limits)
+    values = {
+        name: to_array(value, ("values", name), node=name) for name, value in body.values.items()
+    }
+    parsed = parse_expression(
+        body.expression,
+        values,
+        max_chars=max_expression_chars,
+        max_nodes=limits.max_nodes,
+    )
+    return compile_graph(parsed.nodes, parsed.output, limits=limits)
+
+
+def diagnose(
+    body: GraphRequest | ExpressionRequest, limits: Limits, *, max_expression_chars: int
+) -> Diagnosed:
+    program = body_program(body, limits, max_expression_chars=max_expression_chars)
+    output_grad = None if body.output_grad is None else to_array(body.output_grad, ("output_grad",))
+    result = run(program, output_grad)
+    diagnostics = graph_diagnostics(result, engine_thresholds(body.thresholds))
+    check = None
+    if body.gradcheck is not False:
+        options = gradcheck_options(body.gradcheck, program, limits)
+        check = gradcheck(result, output_grad, options)
+    return Diagnosed(result, diagnostics, check, body.explain)
+
+
+def gradcheck_options(
+    wire: bool | WireGradcheckOptions, program: Program, limits: Limits
+) -> GradcheckOptions:
+    """The request's options (defaults for `true`), with max_evaluations cut to the budget."""
+    chosen = WireGradcheckOptions() if isinstance(wire, bool) else wire
+    budget = evaluation_budget(program, limits.max_flops)
+    return GradcheckOptions(
+        step=chosen.step,
+        tolerance=chosen.tolerance,
+        max_elements_per_node=chosen.max_elements_per_node,
+        max_evaluations=min(chosen.max_evaluations, budget),
+        seed=chosen.seed,
+    )

@@ -9,12 +9,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from schemas.common import Problem
-from schemas.graph import GraphRequest, GraphResponse
+from schemas.graph import GraphBody, GraphResponse
+from schemas.network import NetworkRequest, NetworkResponse
 from schemas.service import OpsResponse, ProbeResponse
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-    (GraphRequest, "validation"),
+    (GraphBody, "validation"),
     (GraphResponse, "serialization"),
+    (NetworkRequest, "validation"),
+    (NetworkResponse, "serialization"),
     (OpsResponse, "serialization"),
     (ProbeResponse, "serialization"),
     (Problem, "serialization"),
@@ -61,6 +64,28 @@ def _post(summary: str, request: type[BaseModel], response: type[BaseModel]) -> 
     }
 
 
+def _post_svg(summary: str, request: type[BaseModel]) -> dict[str, Any]:
+    """A picture twin of a JSON endpoint: the same body and problems, an SVG answer."""
+    return {
+        "post": {
+            "summary": summary,
+            "description": "The same body and the same problem+json errors as the JSON "
+            "endpoint; the answer is an SVG picture (docs/page.md).",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request)}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The picture",
+                    "content": {"image/svg+xml": {"schema": {"type": "string"}}},
+                },
+                **_problems(["400", "413", "415", "422"]),
+            },
+        }
+    }
+
+
 def _get(summary: str, response: type[BaseModel]) -> dict[str, Any]:
     return {
         "get": {
@@ -87,7 +112,21 @@ def openapi_document() -> dict[str, Any]:
             "and networks, with dead-ReLU, saturation and health findings.",
         },
         "paths": {
-            "/v1/graph": _post("Forward and backward through a graph", GraphRequest, GraphResponse),
+            "/v1/graph": _post(
+                "Forward and backward through a graph or an expression", GraphBody, GraphResponse
+            ),
+            "/v1/graph.svg": _post_svg(
+                "The graph laid out left to right: values and gradients on the wires",
+                GraphBody,
+            ),
+            "/v1/network": _post(
+                "A fully-connected network, lowered to a graph: per-layer health",
+                NetworkRequest,
+                NetworkResponse,
+            ),
+            "/v1/network.svg": _post_svg(
+                "The network as its layer chain, each layer with its health", NetworkRequest
+            ),
             "/v1/ops": _get("The op catalogue", OpsResponse),
             "/healthz": _get("Liveness", ProbeResponse),
             "/readyz": _get("Readiness", ProbeResponse),

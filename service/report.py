@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import GraphDiagnostics, Result
+from engine import OPS, GraphDiagnostics, Result
 from engine.diagnostics import Finding, GateStats
+from engine.explain import explain_leaves, local_grads
+from engine.gradcheck import GradcheckResult
 from engine.tensors import to_wire
 
 
@@ -21,25 +23,38 @@ def health(findings: list[Finding], status: str) -> dict[str, Any]:
 
 def node_reports(result: Result) -> dict[str, dict[str, Any]]:
     program = result.program
+    local = local_grads(result)
     nodes: dict[str, dict[str, Any]] = {}
     for i, node_id in enumerate(program.ids):
+        op = program.ops[i]
         report: dict[str, Any] = {
-            "op": program.ops[i],
+            "op": op,
             "shape": list(program.shapes[i]),
             "value": to_wire(result.values[i]),
         }
         grad = result.grads[i]
         if grad is not None:
             report["grad"] = to_wire(grad)
+        report["role"] = OPS[op].role if op in OPS else "leaf"
+        if program.operands[i]:
+            report["inputs"] = [program.ids[j] for j in program.operands[i]]
+        if i in local:
+            report["local_grad"] = {name: to_wire(d) for name, d in local[i].items()}
         nodes[node_id] = report
     return nodes
 
 
-def graph_report(result: Result, diagnostics: GraphDiagnostics) -> dict[str, Any]:
+def graph_report(
+    result: Result,
+    diagnostics: GraphDiagnostics,
+    *,
+    gradcheck: GradcheckResult | None = None,
+    explain: bool = False,
+) -> dict[str, Any]:
     program = result.program
     out = program.output
     relu, sigmoid, tanh = diagnostics.relu, diagnostics.sigmoid, diagnostics.tanh
-    return {
+    report: dict[str, Any] = {
         "output": {
             "id": program.ids[out],
             "value": to_wire(result.values[out]),
@@ -62,6 +77,65 @@ def graph_report(result: Result, diagnostics: GraphDiagnostics) -> dict[str, Any
             "nonfinite_nodes": diagnostics.nonfinite_nodes,
         },
         "health": health(diagnostics.findings, diagnostics.status),
+    }
+    if gradcheck is not None:
+        report["gradcheck"] = gradcheck_report(gradcheck)
+    if explain:
+        report["explanation"] = explanation(result)
+    return report
+
+
+def gradcheck_report(check: GradcheckResult) -> dict[str, Any]:
+    return {
+        "passed": check.passed,
+        "max_relative_error": to_wire(check.max_relative_error),
+        "per_node": {n.id: to_wire(n.max_relative_error) for n in check.nodes},
+        "verdict": check.verdict,
+        "kink_crossings": check.kink_crossings,
+        "nodes": {
+            n.id: {
+                "max_relative_error": to_wire(n.max_relative_error),
+                "verdict": n.verdict,
+                "elements": n.elements,
+                "checked": n.checked,
+                "worst_element": None if n.worst_element is None else list(n.worst_element),
+                "kink_crossings": n.kink_crossings,
+                "kinks": [
+                    {
+                        "element": list(k.element),
+                        "at": k.at,
+                        "op": k.op,
+                        "at_element": list(k.at_element),
+                        "analytic": to_wire(k.analytic),
+                        "numerical": to_wire(k.numerical),
+                        "relative_error": to_wire(k.relative_error),
+                    }
+                    for k in n.kinks
+                ],
+                "undefined": n.undefined,
+            }
+            for n in check.nodes
+        },
+        "step": check.options.step,
+        "tolerance": check.options.tolerance,
+        "evaluations": check.evaluations,
+        "complete": check.complete,
+    }
+
+
+def explanation(result: Result) -> dict[str, Any]:
+    return {
+        "leaves": [
+            {
+                "id": leaf.id,
+                "shape": list(leaf.shape),
+                "grad": to_wire(leaf.grad),
+                "magnitude": to_wire(leaf.magnitude),
+                "element": list(leaf.element),
+                "sentence": leaf.sentence,
+            }
+            for leaf in explain_leaves(result)
+        ]
     }
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, g
 
 from engine import (
     LEAF_OPS,
@@ -15,15 +15,16 @@ from engine import (
     Limits,
     NodeSpec,
     compile_graph,
-    graph_diagnostics,
     run,
 )
-from engine.tensors import to_array
-from schemas.graph import GraphRequest
+from schemas.graph import GraphBody
 from service.body import parse_body
 from service.errors import engine_problem
-from service.frontend import engine_thresholds, graph_nodes
+from service.frontend import diagnose
+from service.metrics import ReportSummary
+from service.network import network_report_of_request
 from service.report import graph_report
+from service.svg import graph_svg, network_svg
 
 api = Blueprint("api", __name__)
 probes = Blueprint("probes", __name__)
@@ -43,19 +44,47 @@ def engine_limits() -> Limits:
     )
 
 
-@api.post("/v1/graph")
-def post_graph() -> Response:
-    request = parse_body(GraphRequest)
+def svg_response(svg: str) -> Response:
+    return Response(svg, mimetype="image/svg+xml")
+
+
+def graph_report_of_request() -> dict[str, Any]:
+    """The /v1/graph report of this request's body, for the JSON and the SVG views alike.
+    A graph (`nodes`) or an expression (`expression`); service.frontend tells them apart."""
+    body = parse_body(GraphBody).root
+    max_chars = current_app.config["GRADIAG"].max_expression_chars
     try:
-        program = compile_graph(graph_nodes(request), request.output, limits=engine_limits())
-        output_grad = (
-            None if request.output_grad is None else to_array(request.output_grad, ("output_grad",))
-        )
-        result = run(program, output_grad)
+        done = diagnose(body, engine_limits(), max_expression_chars=max_chars)
     except EngineError as err:
         raise engine_problem(err) from None
-    diagnostics = graph_diagnostics(result, engine_thresholds(request.thresholds))
-    return json_response(graph_report(result, diagnostics))
+    g.report_summary = ReportSummary.of_graph(len(done.result.program.ids), done.diagnostics)
+    return graph_report(
+        done.result, done.diagnostics, gradcheck=done.gradcheck, explain=done.explain
+    )
+
+
+@api.post("/v1/graph")
+def post_graph() -> Response:
+    return json_response(graph_report_of_request())
+
+
+@api.post("/v1/graph.svg")
+def post_graph_svg() -> Response:
+    """The same body and errors as POST /v1/graph; the answer is the picture."""
+    return svg_response(graph_svg(graph_report_of_request()))
+
+
+@api.post("/v1/network")
+def post_network() -> Response:
+    """A fully-connected network, lowered to a graph and run once (service.network)."""
+    return json_response(network_report_of_request())
+
+
+@api.post("/v1/network.svg")
+def post_network_svg() -> Response:
+    """The same body and errors as POST /v1/network; the answer is the layer chain."""
+    report = network_report_of_request()
+    return svg_response(network_svg(report, report["input_dim"]))
 
 
 @api.get("/v1/ops")

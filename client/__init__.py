@@ -1,0 +1,13 @@
+"""A Python client for gradiag's HTTP API (see client.api.Client).
+
+from client import Client, GradiagError
+
+with Client("http://127.0.0.1:8000", token=None) as c:
+    report = c.network(spec)          # schemas.network.NetworkResponse
+    graph = c.expression("(x + y) * z", {"x": -2, "y": 5, "z": -4})
+"""
+
+from client.api import Answer, Client, decode, encode
+from client.errors import GradiagError, GradiagUnavailable
+
+__all__ = ["Answer", "Client", "GradiagError", "GradiagUnavailable", "decode", "encode"]

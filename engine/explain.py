@@ -1,0 +1,145 @@
+"""Gates in words: each scalar node's local derivatives, and the leaves ranked by gradient.
+
+`local_grads` gives, for every node whose operands and output are all scalars, the local
+derivative d(node)/d(operand) it applies to the upstream gradient (for mul at x=3, y=-4:
+d/dx = -4, d/dy = 3). It asks the op table itself: the op's backward with an upstream
+gradient of 1. Elementwise ops (same-shape and broadcasting ones) are done for every scalar
+node of the same op and attrs in one NumPy call over the stacked operands, so a graph of many
+one-number nodes costs a handful of calls, not one per node; other ops go one node at a time.
+
+`explain_leaves` ranks the differentiable leaves (input, param) by |gradient| (tensor
+leaves: the gradient's norm) and says what each means for the output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import EngineError
+from engine.graph import Result
+from engine.ops import OPS, Array, broadcast_shape, same_shape
+
+LocalGrads = dict[str, float]
+
+
+def local_grads(result: Result) -> dict[int, LocalGrads]:
+    """Node index -> {operand id: d(node)/d(operand)} for scalar op nodes. An operand used
+    twice (x * x) gets the sum of its local derivatives; one the op gives no gradient
+    (class labels) is left out."""
+    program = result.program
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    single: list[int] = []
+    for i, op_name in enumerate(program.ops):
+        if program.is_leaf(i) or program.shapes[i] != ():
+            continue
+        if any(program.shapes[j] != () for j in program.operands[i]):
+            continue
+        op = OPS[op_name]
+        if op.shape in (same_shape, broadcast_shape):
+            groups[(op_name, repr(sorted(program.attrs[i].items())))].append(i)
+        else:
+            single.append(i)
+    local: dict[int, LocalGrads] = {}
+    for nodes in groups.values():
+        _apply(result, nodes, local)
+    for i in single:
+        _apply(result, [i], local)
+    return local
+
+
+def _apply(result: Result, nodes: list[int], local: dict[int, LocalGrads]) -> None:
+    program = result.program
+    first = nodes[0]
+    op = OPS[program.ops[first]]
+    arity = len(program.operands[first])
+    if len(nodes) == 1:
+        operands = [result.values[j] for j in program.operands[first]]
+    else:
+        operands = [
+            np.array([result.values[program.operands[i][k]] for i in nodes], program.dtype)
+            for k in range(arity)
+        ]
+    try:
+        with np.errstate(all="ignore"):
+            out, cache = op.forward(*operands, **program.attrs[first])
+            derivatives = op.backward(np.ones_like(out), cache)
+    except EngineError:
+        return
+    for row, i in enumerate(nodes):
+        grads: LocalGrads = {}
+        for k, j in enumerate(program.operands[i]):
+            d = derivatives[k]
+            if d is None:
+                continue
+            value = float(np.ravel(d)[row] if len(nodes) > 1 else np.sum(d))
+            name = program.ids[j]
+            grads[name] = grads.get(name, 0.0) + value
+        local[i] = grads
+
+
+@dataclass(frozen=True)
+class LeafExplanation:
+    id: str
+    shape: tuple[int, ...]
+    magnitude: float  # |grad| for a scalar, the gradient's norm for a tensor
+    grad: float  # the gradient (a tensor: its element of largest magnitude)
+    element: tuple[int, ...]  # where that element is (() for a scalar)
+    sentence: str
+
+
+def explain_leaves(result: Result) -> list[LeafExplanation]:
+    """Input and param leaves, largest gradient first (ties keep topological order)."""
+    program = result.program
+    output = program.ids[program.output]
+    out = output if output.isidentifier() else "the output"
+    leaves = []
+    for i, op in enumerate(program.ops):
+        grad = result.grads[i]
+        if op not in ("input", "param") or grad is None:
+            continue
+        leaves.append(_explain(program.ids[i], np.asarray(grad), out))
+    return sorted(leaves, key=lambda leaf: -_rank(leaf.magnitude))
+
+
+def _rank(magnitude: float) -> float:
+    return math.inf if math.isnan(magnitude) else magnitude
+
+
+def _explain(node: str, grad: Array, out: str) -> LeafExplanation:
+    with np.errstate(all="ignore"):
+        if grad.ndim == 0:
+            g = float(grad)
+            return LeafExplanation(
+                node, (), abs(g), g, (), f"{node}: {fmt(g)} — {_effect(node, g, out)}"
+            )
+        magnitudes = np.abs(grad)
+        norm = float(np.linalg.norm(grad)) if grad.size else 0.0
+    flat = int(np.argmax(np.where(np.isnan(magnitudes), np.inf, magnitudes))) if grad.size else 0
+    element = tuple(int(d) for d in np.unravel_index(flat, grad.shape)) if grad.size else ()
+    g = float(grad[element]) if grad.size else 0.0
+    name = f"{node}[{', '.join(str(d) for d in element)}]"
+    sentence = (
+        f"{node}: gradient norm {fmt(norm)} over {grad.size} elements; the largest is "
+        f"{name} = {fmt(g)} — {_effect(name, g, out)}"
+    )
+    return LeafExplanation(node, tuple(grad.shape), norm, g, element, sentence)
+
+
+def _effect(name: str, g: float, out: str) -> str:
+    if g == 0.0:
+        return f"a small change in {name} does not change {out} (to first order)"
+    if not math.isfinite(g):
+        return f"the gradient is not finite, so {name}'s effect on {out} cannot be read off"
+    return f"increasing {name} by a small h changes {out} by about {fmt(g)}h"
+
+
+def fmt(x: float) -> str:
+    """Short, exact enough for a sentence: 6 significant digits, -4.0 rather than -4."""
+    if not math.isfinite(x):
+        return repr(x)
+    text = f"{x:.6g}"
+    return text + ".0" if text.lstrip("-").isdigit() else text

@@ -1,0 +1,402 @@
+"""Every op of the table against its formula and against centred numerical differences.
+
+One parametrised test covers the whole op table: adding an op to `engine.ops.OPS` means
+adding one `Case` row here (a test fails until you do). Each row draws operands with
+hypothesis (random shapes, NumPy broadcasting, random axes, 1-D/2-D/batched matmul), kept
+away from kinks and poles so that a centred difference is a fair reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.graph import unbroadcast
+from engine.ops import LEAF_OPS, OPS, Array
+from schemas import graph as graph_schema
+
+H = 1e-6
+RTOL = 1e-6
+ATOL = 1e-8
+
+Operands = tuple[Array, ...]
+Attrs = dict[str, Any]
+Draw = Callable[[st.SearchStrategy[Any]], Any]
+
+# --- element strategies: away from kinks, poles and overflow ---------------------------
+
+SMOOTH = st.floats(-2.0, 2.0)
+POSITIVE = st.floats(0.5, 3.0)  # log, sqrt, pow bases
+AWAY_FROM_ZERO = st.floats(0.1, 2.0) | st.floats(-2.0, -0.1)  # relu, abs, leaky_relu kinks
+DENOMINATOR = st.floats(0.5, 2.0) | st.floats(-2.0, -0.5)  # div, reciprocal poles
+EXPONENT = st.floats(-2.0, 2.0)
+# max/min: two interleaved grids never tie and stay >= 0.25 apart, far more than H.
+GRID_A = st.integers(-4, 4).map(lambda k: k * 0.5 + 0.25)
+GRID_B = st.integers(-4, 4).map(lambda k: k * 0.5)
+# svm_hinge: scores on a 0.3 grid offset so that no margin s_j - s_y + 1 is within 0.1 of 0.
+HINGE_GRID = st.integers(-6, 6).map(lambda k: k * 0.3 + 0.05)
+
+MAX_SIDE = 4
+
+
+def array(draw: Draw, shape: Sequence[int], elements: st.SearchStrategy[float]) -> Array:
+    return np.asarray(draw(hnp.arrays(np.float64, tuple(shape), elements=elements)))
+
+
+# --- operand strategies: each returns (operands, attrs) ---------------------------------
+
+
+def unary(elements: st.SearchStrategy[float]) -> st.SearchStrategy[tuple[Operands, Attrs]]:
+    @st.composite
+    def strategy(draw: Draw) -> tuple[Operands, Attrs]:
+        shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=MAX_SIDE))
+        return (array(draw, shape, elements),), {}
+
+    return strategy()
+
+
+def broadcasting(
+    left: st.SearchStrategy[float], right: st.SearchStrategy[float]
+) -> st.SearchStrategy[tuple[Operands, Attrs]]:
+    """Two operands of mutually broadcastable shapes: (3, 1) with (4,), scalars with matrices."""
+
+    @st.composite
+    def strategy(draw: Draw) -> tuple[Operands, Attrs]:
+        shapes = draw(
+            hnp.mutually_broadcastable_shapes(
+                num_shapes=2, min_dims=0, max_dims=3, max_side=MAX_SIDE
+            )
+        )
+        a_shape, b_shape = shapes.input_shapes
+        return (array(draw, a_shape, left), array(draw, b_shape, right)), {}
+
+    return strategy()
+
+
+@st.composite
+def matmul_operands(draw: Draw) -> tuple[Operands, Attrs]:
+    """NumPy's matmul signature (n?,k),(k,m?): 1-D, 2-D and broadcast batched operands."""
+    shapes = draw(
+        hnp.mutually_broadcastable_shapes(
+            signature=np.matmul.signature, max_dims=2, max_side=MAX_SIDE
+        )
+    )
+    a_shape, b_shape = shapes.input_shapes
+    return (array(draw, a_shape, SMOOTH), array(draw, b_shape, SMOOTH)), {}
+
+
+@st.composite
+def reduce_operands(draw: Draw) -> tuple[Operands, Attrs]:
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=MAX_SIDE))
+    ndim = len(shape)
+    attrs: Attrs = {}
+    if ndim:
+        axis = draw(
+            st.none()
+            | st.integers(-ndim, ndim - 1)
+            | st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True)
+        )
+        if axis is not None:
+            attrs["axis"] = axis
+        if draw(st.booleans()):
+            attrs["keepdims"] = True
+    return (array(draw, shape, SMOOTH),), attrs
+
+
+@st.composite
+def transpose_operands(draw: Draw) -> tuple[Operands, Attrs]:
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=MAX_SIDE))
+    attrs: Attrs = {}
+    if draw(st.booleans()):
+        attrs["axes"] = draw(st.permutations(range(len(shape))))
+    return (array(draw, shape, SMOOTH),), attrs
+
+
+@st.composite
+def leaky_relu_operands(draw: Draw) -> tuple[Operands, Attrs]:
+    ((x,), _) = draw(unary(AWAY_FROM_ZERO))
+    attrs: Attrs = {}
+    if draw(st.booleans()):
+        attrs["alpha"] = draw(st.floats(0.0, 0.5))
+    return (x,), attrs
+
+
+def class_scores(elements: st.SearchStrategy[float]) -> st.SearchStrategy[tuple[Operands, Attrs]]:
+    """scores (N, C) and integer labels (N,) stored as floats, as the wire sends them."""
+
+    @st.composite
+    def strategy(draw: Draw) -> tuple[Operands, Attrs]:
+        rows = draw(st.integers(1, MAX_SIDE))
+        classes = draw(st.integers(1, MAX_SIDE))
+        scores = array(draw, (rows, classes), elements)
+        labels = array(draw, (rows,), st.integers(0, classes - 1).map(float))
+        return (scores, labels), {}
+
+    return strategy()
+
+
+# --- the formulas, written a second time ------------------------------------------------
+
+
+def _axis(attrs: Attrs) -> Any:
+    axis = attrs.get("axis")
+    return tuple(axis) if isinstance(axis, list) else axis
+
+
+def ref_sum(x: Array, **attrs: Any) -> Any:
+    return np.sum(x, axis=_axis(attrs), keepdims=attrs.get("keepdims", False))
+
+
+def ref_mean(x: Array, **attrs: Any) -> Any:
+    return np.mean(x, axis=_axis(attrs), keepdims=attrs.get("keepdims", False))
+
+
+def ref_softmax_cross_entropy(scores: Array, labels: Array) -> Any:
+    probs = np.exp(scores) / np.sum(np.exp(scores), axis=1, keepdims=True)
+    picked = [probs[i, int(label)] for i, label in enumerate(labels)]
+    return -np.mean(np.log(picked))
+
+
+def ref_svm_hinge(scores: Array, labels: Array) -> Array:
+    total = 0.0
+    for i, label in enumerate(labels.astype(int)):
+        for j in range(scores.shape[1]):
+            if j != label:
+                total += max(0.0, scores[i, j] - scores[i, label] + 1.0)
+    return np.asarray(total / scores.shape[0])
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    draw: st.SearchStrategy[tuple[Operands, Attrs]]
+    reference: Callable[..., Any]
+    no_grad: tuple[int, ...] = ()  # operands the op gives no gradient (class labels)
+
+
+CASES = [
+    Case("add", broadcasting(SMOOTH, SMOOTH), lambda a, b: a + b),
+    Case("sub", broadcasting(SMOOTH, SMOOTH), lambda a, b: a - b),
+    Case("mul", broadcasting(SMOOTH, SMOOTH), lambda a, b: a * b),
+    Case("div", broadcasting(SMOOTH, DENOMINATOR), lambda a, b: a / b),
+    Case("pow", broadcasting(POSITIVE, EXPONENT), np.power),
+    Case("max", broadcasting(GRID_A, GRID_B), np.maximum),
+    Case("min", broadcasting(GRID_A, GRID_B), np.minimum),
+    Case("neg", unary(SMOOTH), lambda x: -x),
+    Case("exp", unary(SMOOTH), np.exp),
+    Case("log", unary(POSITIVE), np.log),
+    Case("sqrt", unary(POSITIVE), np.sqrt),
+    Case("square", unary(SMOOTH), lambda x: x**2),
+    Case("abs", unary(AWAY_FROM_ZERO), np.abs),
+    Case("reciprocal", unary(DENOMINATOR), lambda x: 1.0 / x),
+    Case("identity", unary(SMOOTH), lambda x: x),
+    Case("relu", unary(AWAY_FROM_ZERO), lambda x: np.maximum(x, 0.0)),
+    Case(
+        "leaky_relu",
+        leaky_relu_operands(),
+        lambda x, alpha=0.01: np.where(x > 0, x, alpha * x),
+    ),
+    Case("sigmoid", unary(st.floats(-3.0, 3.0)), lambda x: 1.0 / (1.0 + np.exp(-x))),
+    Case("tanh", unary(st.floats(-3.0, 3.0)), np.tanh),
+    Case("matmul", matmul_operands(), lambda a, b: a @ b),
+    Case("transpose", transpose_operands(), lambda x, axes=None: np.transpose(x, axes)),
+    Case("sum", reduce_operands(), ref_sum),
+    Case("mean", reduce_operands(), ref_mean),
+    Case("mse", broadcasting(SMOOTH, SMOOTH), lambda s, t: np.mean((s - t) ** 2)),
+    Case(
+        "softmax_cross_entropy",
+        class_scores(SMOOTH),
+        ref_softmax_cross_entropy,
+        no_grad=(1,),
+    ),
+    Case("svm_hinge", class_scores(HINGE_GRID), ref_svm_hinge, no_grad=(1,)),
+]
+
+
+def test_gradient_table_covers_every_op() -> None:
+    assert sorted(case.op for case in CASES) == sorted(OPS)
+
+
+def test_schema_tags_match_engine_op_table() -> None:
+    leaves = set(graph_schema.LEAF_OPS)
+    assert leaves == set(LEAF_OPS)
+    assert set(graph_schema.ALL_OPS) - leaves == set(OPS)
+    assert len(graph_schema.ALL_OPS) == len(set(graph_schema.ALL_OPS))  # no tag listed twice
+
+
+def numerical_vjp(
+    f: Callable[..., Array], operands: Operands, k: int, dout: Array, h: float = H
+) -> Array:
+    """d/d(operand k) of sum(dout * f(...)) by centred differences, one element at a time."""
+    x = operands[k]
+    grad = np.zeros(x.shape)
+    for idx in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        f_plus = f(*operands[:k], plus, *operands[k + 1 :])
+        f_minus = f(*operands[:k], minus, *operands[k + 1 :])
+        # Difference first: the untouched elements cancel exactly, not after a large sum.
+        grad[idx] = np.sum(dout * (f_plus - f_minus)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.op)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_op_matches_formula_and_centred_differences(case: Case, data: st.DataObject) -> None:
+    operands, attrs = data.draw(case.draw, label="operands, attrs")
+    op = OPS[case.op]
+
+    def f(*xs: Array) -> Array:
+        return np.asarray(op.forward(*xs, **attrs)[0])
+
+    out, cache = op.forward(*operands, **attrs)
+    out = np.asarray(out)
+    assert out.shape == op.shape(*(x.shape for x in operands), **attrs)
+    np.testing.assert_allclose(out, case.reference(*operands, **attrs), rtol=1e-12, atol=1e-12)
+
+    seed = data.draw(st.integers(0, 2**32 - 1), label="dout seed")
+    dout = np.random.default_rng(seed).standard_normal(out.shape)
+    dout_before = dout.copy()
+    grads = op.backward(dout, cache)
+    np.testing.assert_array_equal(dout, dout_before)  # backward never writes into dout
+    assert len(grads) == op.arity == len(operands)
+
+    for k, x in enumerate(operands):
+        if k in case.no_grad:
+            assert grads[k] is None
+            continue
+        grad = grads[k]
+        assert grad is not None
+        analytic = unbroadcast(grad, x.shape)
+        assert analytic.shape == x.shape
+        numeric = numerical_vjp(f, operands, k, dout)
+        np.testing.assert_allclose(analytic, numeric, rtol=RTOL, atol=ATOL, err_msg=f"d{k}")
+
+
+# --- broadcasting, by hand: the shapes the brief names ----------------------------------
+
+ELEMENTWISE_BINARY = ["add", "sub", "mul", "div", "pow", "max", "min", "mse"]
+
+
+@pytest.mark.parametrize("op_name", ELEMENTWISE_BINARY)
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape"),
+    [((3, 1), (4,)), ((), (2, 3)), ((2, 3), ()), ((2, 1, 3), (4, 1)), ((1,), (3, 2))],
+)
+def test_binary_op_gradient_is_summed_back_to_each_operand_shape(
+    op_name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]
+) -> None:
+    rng = np.random.default_rng(7)
+    # Positive, distinct on two grids: valid for pow's base and away from max/min ties.
+    a = np.asarray(rng.integers(1, 9, size=a_shape) * 0.5 + 0.25)
+    b = np.asarray(rng.integers(1, 9, size=b_shape) * 0.5)
+    op = OPS[op_name]
+    out, cache = op.forward(a, b)
+    dout = rng.standard_normal(np.shape(out))
+    grads = op.backward(dout, cache)
+    for k, x in enumerate((a, b)):
+        grad = grads[k]
+        assert grad is not None
+        analytic = unbroadcast(grad, x.shape)
+        assert analytic.shape == x.shape
+        numeric = numerical_vjp(lambda *xs: np.asarray(op.forward(*xs)[0]), (a, b), k, dout)
+        np.testing.assert_allclose(analytic, numeric, rtol=RTOL, atol=ATOL)
+
+
+def test_add_of_column_and_row_broadcasts_to_a_matrix_and_sums_gradients_back() -> None:
+    a = np.array([[1.0], [2.0], [3.0]])  # (3, 1)
+    b = np.array([10.0, 20.0, 30.0, 40.0])  # (4,)
+    out, cache = OPS["add"].forward(a, b)
+    assert out.shape == (3, 4)
+    da, db = OPS["add"].backward(np.ones((3, 4)), cache)
+    assert da is not None and db is not None
+    np.testing.assert_array_equal(unbroadcast(da, (3, 1)), [[4.0], [4.0], [4.0]])
+    np.testing.assert_array_equal(unbroadcast(db, (4,)), [3.0, 3.0, 3.0, 3.0])
+
+
+# --- kinks and ties follow PyTorch ------------------------------------------------------
+
+
+def only_grad(op_name: str, *operands: Array, **attrs: Any) -> tuple[Any, ...]:
+    op = OPS[op_name]
+    out, cache = op.forward(*operands, **attrs)
+    return tuple(op.backward(np.ones(np.shape(out)), cache))
+
+
+def test_relu_gradient_at_zero_is_zero() -> None:
+    (dx,) = only_grad("relu", np.array([-1.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(dx, [0.0, 0.0, 1.0])
+
+
+def test_abs_gradient_at_zero_is_zero() -> None:
+    (dx,) = only_grad("abs", np.array([-1.5, 0.0, 2.0]))
+    np.testing.assert_array_equal(dx, [-1.0, 0.0, 1.0])
+
+
+def test_leaky_relu_gradient_at_zero_is_alpha() -> None:
+    (dx,) = only_grad("leaky_relu", np.array([-1.0, 0.0, 2.0]), alpha=0.2)
+    np.testing.assert_array_equal(dx, [0.2, 0.2, 1.0])
+    (dx,) = only_grad("leaky_relu", np.array(0.0))
+    assert dx == 0.01  # the default alpha
+
+
+@pytest.mark.parametrize(
+    ("op_name", "expected_da", "expected_db"),
+    [("max", [0.5, 0.0, 1.0], [0.5, 1.0, 0.0]), ("min", [0.5, 1.0, 0.0], [0.5, 0.0, 1.0])],
+)
+def test_max_and_min_tie_splits_gradient_equally(
+    op_name: str, expected_da: list[float], expected_db: list[float]
+) -> None:
+    da, db = only_grad(op_name, np.array([1.0, 2.0, 3.0]), np.array([1.0, 5.0, 0.0]))
+    np.testing.assert_array_equal(da, expected_da)
+    np.testing.assert_array_equal(db, expected_db)
+
+
+def test_svm_hinge_margin_exactly_zero_passes_no_gradient() -> None:
+    # s_1 - s_0 + 1 = 0: the margin sits on the kink and counts as not violated.
+    (dscores, dlabels) = only_grad("svm_hinge", np.array([[1.0, 0.0]]), np.array([0.0]))
+    assert dlabels is None
+    np.testing.assert_array_equal(dscores, [[0.0, 0.0]])
+
+
+def test_pow_gradients_match_pytorch_at_zero_exponent_and_zero_base() -> None:
+    with np.errstate(divide="ignore", invalid="ignore"):  # as graph.backward runs every op
+        dbase, dexp = only_grad("pow", np.array([0.0, 2.0]), np.array([0.0, 3.0]))
+    np.testing.assert_array_equal(dbase, [0.0, 12.0])  # exponent 0: no base gradient
+    np.testing.assert_allclose(dexp, [0.0, 8.0 * math.log(2.0)])  # base 0: none either
+
+
+# --- numerical stability at the op level -----------------------------------------------
+
+
+def test_sigmoid_is_finite_and_exact_at_extremes() -> None:
+    x = np.array([-1000.0, -40.0, 0.0, 40.0, 1000.0])
+    out, cache = OPS["sigmoid"].forward(x)
+    assert np.all(np.isfinite(out))
+    assert out[0] == 0.0 and out[-1] == 1.0 and out[2] == 0.5
+    (dx,) = OPS["sigmoid"].backward(np.ones(5), cache)
+    assert dx is not None
+    assert np.all(np.isfinite(dx))
+    assert dx[2] == 0.25
+
+
+def test_softmax_cross_entropy_is_finite_with_huge_scores() -> None:
+    scores = np.array([[1000.0, -1000.0], [-1000.0, 1000.0]])
+    labels = np.array([0.0, 0.0])
+    loss, cache = OPS["softmax_cross_entropy"].forward(scores, labels)
+    # row 0 is right with certainty (loss 0); row 1 is wrong by 2000 (loss 2000).
+    assert loss == pytest.approx(1000.0)
+    dscores, dlabels = OPS["softmax_cross_entropy"].backward(np.ones(()), cache)
+    assert dlabels is None
+    assert dscores is not None
+    np.testing.assert_allclose(dscores, np.array([[0.0, 0.0], [-0.5, 0.5]]))
