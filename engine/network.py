@@ -529,6 +529,7 @@ class NetworkDiagnostics:
     parameters: ParameterCounts
     layers: list[LayerDiagnostics]
     gradient_ratio: float | None  # ||dW layer1|| / ||dW last layer||
+    signal_ratio: float | None  # ||dz layer1|| / ||dz last layer||
     nonfinite_nodes: list[str]
     findings: list[Finding] = field(default_factory=list)
 
@@ -559,12 +560,14 @@ def network_diagnostics(
         for i, node in enumerate(result.program.ids)
         if not (is_finite(result.values[i]) and is_finite(result.grads[i]))
     ]
-    ratio = _gradient_ratio(layers)
+    ratio = _first_to_last(layers, "grad_norm_W")
+    signal = _first_to_last(layers, "grad_norm_z")
     findings = _nonfinite_findings(result, nonfinite)
     for layer in layers:
         findings += _layer_findings(layer, thresholds, finite=not nonfinite)
-    if ratio is not None and ratio < thresholds.vanishing_ratio:
-        findings.append(_vanishing_finding(layers, ratio, thresholds.vanishing_ratio))
+    finding = _vanishing_finding(layers, ratio, signal, thresholds.vanishing_ratio)
+    if finding:
+        findings.append(finding)
     for layer in layers:
         layer.status = worst_status(f for f in findings if f.location == layer.name)
     loss = float(value("loss"))
@@ -577,6 +580,7 @@ def network_diagnostics(
         parameters=parameter_counts(spec),
         layers=layers,
         gradient_ratio=ratio,
+        signal_ratio=signal,
         nonfinite_nodes=nonfinite,
         findings=findings,
     )
@@ -628,11 +632,13 @@ def _norm(x: Array) -> float:
     return float(np.linalg.norm(np.asarray(x, dtype=np.float64)))
 
 
-def _gradient_ratio(layers: Sequence[LayerDiagnostics]) -> float | None:
-    """||dW layer1|| / ||dW last layer||; None for one layer, a zero or non-finite last."""
+def _first_to_last(layers: Sequence[LayerDiagnostics], norm: str) -> float | None:
+    """A gradient norm of layer1 over the last layer's; None for one layer, a zero or
+    non-finite last."""
     if len(layers) < 2:
         return None
-    first, last = layers[0].grad_norm_W, layers[-1].grad_norm_W
+    first: float = getattr(layers[0], norm)
+    last: float = getattr(layers[-1], norm)
     if not (math.isfinite(first) and math.isfinite(last)) or last == 0:
         return None
     return first / last
@@ -671,13 +677,25 @@ def _layer_findings(layer: LayerDiagnostics, t: Thresholds, *, finite: bool) -> 
 
 
 def _vanishing_finding(
-    layers: Sequence[LayerDiagnostics], ratio: float, threshold: float
-) -> Finding:
-    last = layers[-1].name
+    layers: Sequence[LayerDiagnostics],
+    weight_ratio: float | None,
+    signal_ratio: float | None,
+    threshold: float,
+) -> Finding | None:
+    """Either ratio below the threshold. ||dW|| alone misses a near-linear stack of small
+    weights, where activations shrink forward as fast as gradients shrink backward and the
+    ||dW|| stay level; ||dz|| (the signal backprop carries into each layer) still shows it."""
+    ratios = [
+        (r, what) for r, what in ((weight_ratio, "dW"), (signal_ratio, "dz")) if r is not None
+    ]
+    below = [(r, what) for r, what in ratios if r < threshold]
+    if not below:
+        return None
+    ratio, what = min(below)
     message = (
-        f"||dW|| of layer1 is {ratio:.2g} times that of {last} (below {threshold:g}): the "
-        "gradient vanishes on its way back; use He/Xavier init instead of small weights and "
-        "relu or tanh instead of saturating sigmoids."
+        f"||{what}|| of layer1 is {ratio:.2g} times that of {layers[-1].name} (below "
+        f"{threshold:g}): the gradient vanishes on its way back; use He/Xavier init instead "
+        "of small weights and relu or tanh instead of saturating sigmoids."
     )
     return Finding("vanishing_gradient", "warn", "layer1", message)
 

@@ -155,6 +155,9 @@ class NetworkResponse(BaseModel):
     gradient_ratio: Number | None = Field(
         description="||dW layer1|| / ||dW last layer||; null with one layer or a zero last"
     )
+    signal_ratio: Number | None = Field(
+        description="||dz layer1|| / ||dz last layer|| (d loss / d pre-activation); null likewise"
+    )
     health: Health
     nodes: dict[str, NodeReport] | None = Field(
         None, description='with include ["gradients"]: every lowered node, as in /v1/graph'

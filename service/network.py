@@ -133,6 +133,7 @@ def network_report(done: DiagnosedNetwork, *, gradients: bool) -> dict[str, Any]
         },
         "layers": [layer_report(layer) for layer in d.layers],
         "gradient_ratio": None if d.gradient_ratio is None else to_wire(d.gradient_ratio),
+        "signal_ratio": None if d.signal_ratio is None else to_wire(d.signal_ratio),
         "health": health(d.findings, d.status),
     }
     if gradients:

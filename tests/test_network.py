@@ -36,9 +36,8 @@ from engine.network import build_graph as build_network_graph
 from service import create_app
 from service.config import Settings
 
-EXAMPLES = Path("/work/shared/examples")
-if not EXAMPLES.is_dir():  # the examples ship with the shared contract, next to the repo
-    EXAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "examples"
+# The examples ship with the shared contract, in shared/ beside the repository.
+EXAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "examples"
 
 X3 = [[1.0, 2.0], [3.0, -1.0], [-2.0, 0.5]]  # three examples of two features
 
@@ -234,6 +233,27 @@ def test_deep_sigmoid_stack_with_small_weights_has_a_vanishing_gradient(
     body["init"] = {"scheme": "xavier", "seed": 0}
     body["layers"] = [{"units": 16, "activation": "relu"}] * 6 + [body["layers"][-1]]
     assert "vanishing_gradient" not in codes(post(client, body))
+
+
+def test_small_weight_tanh_stack_vanishes_in_dz_though_dw_stays_level(
+    client: FlaskClient,
+) -> None:
+    # Near-linear tanh layers with 0.01-scale weights: activations shrink forward as fast as
+    # gradients shrink backward, so ||dW|| is level across layers but ||dz|| collapses.
+    body = {
+        "input_dim": 8,
+        "layers": [{"units": 16, "activation": "tanh"}] * 5
+        + [{"units": 1, "activation": "linear"}],
+        "loss": "mse",
+        "init": {"scheme": "small", "seed": 0},
+    }
+    report = post(client, body)
+    assert report["gradient_ratio"] > 1e-3
+    dz = [layer["grad_norm"]["z"] for layer in report["layers"]]
+    assert report["signal_ratio"] == pytest.approx(dz[0] / dz[-1]) and report["signal_ratio"] < 1e-3
+    assert codes(report)["vanishing_gradient"] == ("warn", "layer1")
+    finding = next(f for f in report["health"]["findings"] if f["code"] == "vanishing_gradient")
+    assert "||dz||" in finding["message"]
 
 
 def test_exploding_gradient_norm_is_a_threshold(client: FlaskClient) -> None:
