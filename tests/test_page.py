@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from system_packages import ensure_installed
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -65,21 +64,7 @@ def test_vendored_layout_library_comes_with_its_licences() -> None:
 
 
 def _chromium() -> str:
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip(f"{CHROMIUM} is absent and cannot be installed (not root or no apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "chromium"], env=env, capture_output=True, timeout=600
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip("installing chromium with apt-get timed out")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("apt-get could not install chromium")
-    return CHROMIUM
+    return ensure_installed("chromium", lambda: CHROMIUM if os.path.exists(CHROMIUM) else None)
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from system_packages import ensure_installed
 
 from service import svg
 
@@ -21,23 +20,7 @@ CS231N_1 = {"expression": "(x + y) * z", "values": {"x": -2, "y": 5, "z": -4}}
 @pytest.fixture(scope="session")
 def dot_installed() -> str:
     """Graphviz's dot; installed with apt-get (as root) when absent, else the test skips."""
-    found = shutil.which("dot")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Graphviz's dot is absent and cannot be installed (not root or no apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "graphviz"], env=env, capture_output=True, timeout=300
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip("installing graphviz with apt-get timed out")
-    found = shutil.which("dot")
-    if not found:
-        pytest.skip("apt-get could not install graphviz (no dot on PATH)")
-    return found
+    return ensure_installed("graphviz", lambda: shutil.which("dot"))
 
 
 @pytest.fixture
