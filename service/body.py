@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from flask import current_app, request
+from flask import current_app, g, request
 from pydantic import BaseModel, ValidationError
 
 from service.errors import ProblemError, validation_problem
@@ -38,6 +38,7 @@ def read_json_body() -> bytes:
             break
         parts.append(chunk)
         received += len(chunk)
+    g.body_bytes = received  # chunked uploads have no Content-Length for the metrics and logs
     if received > limit:
         raise _too_large(limit)
     return b"".join(parts)

@@ -3,6 +3,7 @@ gunicorn with two workers to check that the counts are merged across them."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
 
 from service.observability import MAX_REQUEST_ID, JsonFormatter
 
@@ -156,6 +159,22 @@ def test_a_given_request_id_is_echoed_and_logged(
     assert line["body_bytes"] == len(json.dumps(DEAD_RELU_GRAPH))
     assert line["nodes"] == 3
     assert line["health"] == "fail"
+
+
+def test_a_chunked_body_is_measured_as_received(
+    client: FlaskClient, log_lines: list[dict[str, Any]]
+) -> None:
+    body = json.dumps(DEAD_RELU_GRAPH).encode()
+    environ = EnvironBuilder(
+        path="/v1/graph", method="POST", content_type="application/json"
+    ).get_environ()
+    environ.pop("CONTENT_LENGTH", None)  # as gunicorn hands over a chunked upload
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["wsgi.input_terminated"] = True
+    answer = client.open(Request(environ))
+    assert answer.status_code == 200
+    (line,) = [x for x in log_lines if x.get("event") == "request"]
+    assert line["body_bytes"] == len(body)
 
 
 def test_a_missing_request_id_is_generated(
