@@ -1,11 +1,12 @@
 # Two commands for a newcomer: `make serve` and `make test`. Both build .venv on first use.
+# `make bench` (docs/performance.md) builds its own .venv-bench with the `bench` extra.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint typecheck unit clean
+.PHONY: serve test lint typecheck unit clean bench fuzz load
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +29,26 @@ unit: $(BIN)/.installed
 
 test: lint typecheck unit
 
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+# OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are unset for this command only (bench/README.md).
+bench: $(BENCH_VENV)/bin/.installed
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# A longer, unseeded schemathesis run (docs/hardening.md); `make test` runs 40 per operation.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(BIN)/.installed
+	GRADIAG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q tests/test_fuzz.py
+
+# Load and fault tests against gunicorn on 127.0.0.1 (bench/load.py); not part of `make test`.
+LOAD_SECONDS ?= 60
+load: $(BIN)/.installed
+	$(BIN)/python bench/load.py --seconds $(LOAD_SECONDS) --connections 64
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.errors import EngineError
-from engine.graph import Program, Result, forward
+from engine.errors import EngineError, LimitError
+from engine.graph import Program, Result, check_deadline, forward
 from engine.ops import Array
 
 # (op, the operand whose sign matters) or (op, None): the sign of operand 0 - operand 1.
@@ -150,7 +150,11 @@ def gradcheck(
     result: Result,
     output_grad: Array | None = None,
     options: GradcheckOptions = GradcheckOptions(),
+    *,
+    deadline: float | None = None,
 ) -> GradcheckResult:
+    """`deadline` (a `time.monotonic()` value) is checked before every perturbed forward
+    and inside it; past it, LimitError(limit="time_budget_seconds")."""
     program = result.program
     seed = (
         np.ones(program.shapes[program.output], program.dtype)
@@ -171,8 +175,9 @@ def gradcheck(
         assert grad is not None  # inputs and params always get a gradient
         for element in samples[leaf][:take]:
             evaluations += 2
-            plus = _perturbed_forward(program, leaf, element, options.step)
-            minus = _perturbed_forward(program, leaf, element, -options.step)
+            check_deadline(deadline)
+            plus = _perturbed_forward(program, leaf, element, options.step, deadline)
+            minus = _perturbed_forward(program, leaf, element, -options.step, deadline)
             if plus is None or minus is None:
                 check.undefined += 1
                 continue
@@ -233,13 +238,19 @@ def _share(wanted: Sequence[int], budget: int) -> list[int]:
 
 
 def _perturbed_forward(
-    program: Program, leaf: int, element: tuple[int, ...], step: float
+    program: Program,
+    leaf: int,
+    element: tuple[int, ...],
+    step: float,
+    deadline: float | None = None,
 ) -> list[Array] | None:
     value = program.leaf_values[leaf].copy()
     value[element] += step
     moved = dataclasses.replace(program, leaf_values={**program.leaf_values, leaf: value})
     try:
-        values, _ = forward(moved)
+        values, _ = forward(moved, deadline=deadline)
+    except LimitError:
+        raise  # the time budget: the whole request stops
     except EngineError:
         return None
     return values

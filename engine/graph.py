@@ -10,6 +10,7 @@ an op does. Nothing here recurses, so depth is bounded by the node limit, not th
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -207,6 +208,11 @@ def _find_cycle(operands: Sequence[tuple[int, ...]], pending: Sequence[int]) -> 
 
 def _infer_shapes(program: Program, ordered: Sequence[NodeSpec], limits: Limits) -> None:
     total = 0
+    shapes = program.shapes
+    # a limit of 0 is no limit: compare against infinity and skip the per-node call
+    max_tensor = limits.max_tensor_elements or math.inf
+    max_total = limits.max_total_elements or math.inf
+    max_flops = limits.max_flops or math.inf
     for i, spec in enumerate(ordered):
         if program.is_leaf(i):
             assert spec.value is not None
@@ -215,7 +221,14 @@ def _infer_shapes(program: Program, ordered: Sequence[NodeSpec], limits: Limits)
             shape: Shape = value.shape
         else:
             op = OPS[spec.op]
-            operand_shapes = [program.shapes[j] for j in program.operands[i]]
+            operand_shapes = [shapes[j] for j in program.operands[i]]
+            if op.elementwise and not any(operand_shapes):  # scalars in, a scalar out
+                shapes.append(())
+                program.flops += 1
+                total += 1
+                if total > max_total or program.flops > max_flops:
+                    _check_size(limits, spec, 1, total, program.flops)
+                continue
             try:
                 shape = op.shape(*operand_shapes, **program.attrs[i])
             except ShapeError as err:
@@ -223,10 +236,11 @@ def _infer_shapes(program: Program, ordered: Sequence[NodeSpec], limits: Limits)
                     f"node {spec.id!r} ({spec.op}): {err.message}", loc=spec.loc, node=spec.id
                 ) from None
             program.flops += op.flops(operand_shapes, shape)
-        program.shapes.append(shape)
+        shapes.append(shape)
         elements = math.prod(shape)
         total += elements
-        _check_size(limits, spec, elements, total, program.flops)
+        if elements > max_tensor or total > max_total or program.flops > max_flops:
+            _check_size(limits, spec, elements, total, program.flops)
 
 
 def _check_size(limits: Limits, spec: NodeSpec, elements: int, total: int, flops: int) -> None:
@@ -246,12 +260,21 @@ def _check_size(limits: Limits, spec: NodeSpec, elements: int, total: int, flops
             )
 
 
-def forward(program: Program) -> tuple[list[Array], list[Any]]:
-    """Values and caches of every node, in topological order."""
+def forward(
+    program: Program, *, deadline: float | None = None
+) -> tuple[list[Array], list[Any] | _BatchedCaches]:
+    """Values and caches of every node, in topological order. `deadline` (a
+    `time.monotonic()` value) is checked between ops (per node, or per batched group level)."""
+    check_deadline(deadline)
+    plan = batch_plan(program)
+    if plan is not None:
+        return _forward_batched(program, plan, deadline)
     values: list[Array] = []
     caches: list[Any] = []
     with np.errstate(all="ignore"):  # overflow is data (reported as non-finite), not a crash
         for i in range(len(program)):
+            if deadline is not None and time.monotonic() > deadline:
+                check_deadline(deadline)  # every node: a single op may be a big matmul
             if program.is_leaf(i):
                 values.append(program.leaf_values[i])
                 caches.append(None)
@@ -271,7 +294,11 @@ def forward(program: Program) -> tuple[list[Array], list[Any]]:
 
 
 def backward(
-    program: Program, caches: Sequence[Any], output_grad: Array | None = None
+    program: Program,
+    caches: Sequence[Any] | _BatchedCaches,
+    output_grad: Array | None = None,
+    *,
+    deadline: float | None = None,
 ) -> list[Array | None]:
     """d(output)/d(node) for every node but consts. Gradients add up at forks."""
     n = len(program)
@@ -288,8 +315,12 @@ def backward(
                 loc=("output_grad",),
             )
         grads[out] = seed
+    if isinstance(caches, _BatchedCaches):
+        return _backward_batched(program, caches, grads[out], deadline)  # type: ignore[arg-type]
     with np.errstate(all="ignore"):
         for i in range(out, -1, -1):
+            if deadline is not None and time.monotonic() > deadline:
+                check_deadline(deadline)  # every node: a single op may be a big matmul
             dout = grads[i]
             if dout is None or program.is_leaf(i):
                 continue
@@ -322,7 +353,187 @@ def unbroadcast(grad: Array, shape: Shape) -> Array:
     return np.broadcast_to(grad, shape) if grad.shape != shape else grad
 
 
-def run(program: Program, output_grad: Array | None = None) -> Result:
-    values, caches = forward(program)
-    grads = backward(program, caches, output_grad)
+def check_deadline(deadline: float | None) -> None:
+    """Raise LimitError(limit="time_budget_seconds") once `time.monotonic()` is past
+    `deadline`. The engine does not know the budget itself; the service fills in `value`."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise LimitError(
+            "the request ran over its time budget", limit="time_budget_seconds", value=0
+        )
+
+
+def run(
+    program: Program, output_grad: Array | None = None, *, deadline: float | None = None
+) -> Result:
+    values, caches = forward(program, deadline=deadline)
+    grads = backward(program, caches, output_grad, deadline=deadline)
     return Result(program, values, grads)
+
+
+# --- level batching: scalar-heavy graphs as a few NumPy calls per level -----------------
+#
+# A graph of one-number nodes (micrograd style) spends its time in Python per node. Nodes at
+# the same topological level do not depend on each other, so every (level, op, attrs) group
+# runs as one call of the op's own forward/backward on 1-D arrays gathered from a flat value
+# buffer by index arrays; results are scattered back. Backward walks the groups in reverse
+# level order and adds each group's local gradients into a flat gradient buffer (`+=` when
+# the operand indices are distinct, `np.add.at` for fan-in within the group). Only ops marked
+# `elementwise` in the op table are batched; any other graph takes the per-node walk.
+
+BATCH_MIN_NODES = 256  # below this the per-node walk is about as fast
+
+
+@dataclass
+class _Group:
+    op_name: str
+    attrs: Mapping[str, Any]
+    out: Array  # node indices this group computes
+    operands: tuple[Array, ...]  # per operand position, the operand node indices
+    distinct: tuple[bool, ...]  # per position: no index repeats, so `buf[idx] += d` is exact
+    live: Array | None  # backward: which outputs reach the graph output (None: all do)
+    reaches: bool  # any output reaches the graph output
+
+
+@dataclass
+class _Plan:
+    levels: list[list[_Group]]
+    leaves: Array
+    consts: list[int]
+
+
+@dataclass
+class _BatchedCaches:
+    """What a batched forward hands its backward: the plan and each group's op cache."""
+
+    plan: _Plan
+    caches: list[list[Any]]  # [level][group]
+
+
+_NOT_BATCHABLE = _Plan([], np.empty(0, np.intp), [])
+
+
+def batch_plan(program: Program) -> _Plan | None:
+    """The level groups of a scalar-heavy program (built once, kept on it), or None."""
+    plan = program.__dict__.get("_plan")
+    if plan is None:
+        plan = _build_plan(program) or _NOT_BATCHABLE
+        program.__dict__["_plan"] = plan
+    return None if plan is _NOT_BATCHABLE else plan
+
+
+def _build_plan(program: Program) -> _Plan | None:
+    n = len(program)
+    if n < BATCH_MIN_NODES or any(shape != () for shape in program.shapes):
+        return None
+    kinds: dict[tuple[str, tuple[tuple[str, Any], ...]], int] = {}
+    names: list[tuple[str, Mapping[str, Any]]] = []
+    level = [0] * n
+    code = [-1] * n
+    first = [-1] * n
+    second = [-1] * n
+    for i, ins in enumerate(program.operands):
+        if not ins:
+            continue
+        op = program.ops[i]
+        if not OPS[op].elementwise:
+            return None
+        attrs = program.attrs[i]
+        key = (op, tuple(sorted(attrs.items())) if attrs else ())
+        kind = kinds.get(key)
+        if kind is None:
+            kind = kinds[key] = len(names)
+            names.append((op, attrs))
+        code[i] = kind
+        a = level[ins[0]]
+        first[i] = ins[0]
+        if len(ins) == 2:
+            b = level[ins[1]]
+            second[i] = ins[1]
+            a = a if a > b else b
+        level[i] = a + 1
+    reach = bytearray(n)
+    reach[program.output] = 1
+    for i in range(program.output, -1, -1):
+        if reach[i]:
+            for j in program.operands[i]:
+                reach[j] = 1
+    reached = np.frombuffer(bytes(reach), dtype=np.uint8).astype(bool)
+    codes = np.array(code, np.intp)
+    levels = np.array(level, np.intp)
+    operand_columns = (np.array(first, np.intp), np.array(second, np.intp))
+    inner = np.flatnonzero(codes >= 0)
+    order = inner[np.lexsort((codes[inner], levels[inner]))]  # stable: index order inside
+    key_of = levels[order] * (len(names) + 1) + codes[order]
+    starts = np.flatnonzero(np.diff(key_of)) + 1
+    plan = _Plan([], np.flatnonzero(codes < 0), [i for i in range(n) if program.ops[i] == "const"])
+    current = -1
+    for out in np.split(order, starts) if order.size else []:
+        op_name, attrs = names[codes[out[0]]]
+        arity = OPS[op_name].arity
+        operands = tuple(operand_columns[k][out] for k in range(arity))
+        live = reached[out]
+        group = _Group(
+            op_name,
+            attrs,
+            out,
+            operands,
+            tuple(np.unique(idx).size == idx.size for idx in operands),
+            None if live.all() else live,
+            bool(live.any()),
+        )
+        if levels[out[0]] != current:
+            current = int(levels[out[0]])
+            plan.levels.append([])
+        plan.levels[-1].append(group)
+    return plan
+
+
+def _forward_batched(
+    program: Program, plan: _Plan, deadline: float | None = None
+) -> tuple[list[Array], _BatchedCaches]:
+    buf = np.empty(len(program), program.dtype)
+    leaf_values = program.leaf_values
+    buf[plan.leaves] = np.fromiter(
+        (leaf_values[i] for i in plan.leaves.tolist()), program.dtype, count=plan.leaves.size
+    )
+    caches: list[list[Any]] = []
+    with np.errstate(all="ignore"):
+        for groups in plan.levels:
+            check_deadline(deadline)
+            level_caches = []
+            for group in groups:
+                operands = [buf[idx] for idx in group.operands]  # gathers: fresh arrays
+                out, cache = OPS[group.op_name].forward(*operands, **group.attrs)
+                buf[group.out] = out
+                level_caches.append(cache)
+            caches.append(level_caches)
+    values: list[Array] = list(buf)  # NumPy scalars: 0-d arrays to every reader
+    return values, _BatchedCaches(plan, caches)
+
+
+def _backward_batched(
+    program: Program, batched: _BatchedCaches, seed: Array, deadline: float | None = None
+) -> list[Array | None]:
+    plan = batched.plan
+    grad = np.zeros(len(program), program.dtype)
+    grad[program.output] = seed
+    with np.errstate(all="ignore"):
+        for groups, caches in zip(reversed(plan.levels), reversed(batched.caches), strict=True):
+            check_deadline(deadline)
+            for group, cache in zip(groups, caches, strict=True):
+                if not group.reaches:
+                    continue
+                local = OPS[group.op_name].backward(grad[group.out], cache)
+                for idx, distinct, d in zip(group.operands, group.distinct, local, strict=True):
+                    if d is None:
+                        continue
+                    if group.live is not None:  # an unreached node adds nothing (not 0 * inf)
+                        d = np.where(group.live, d, 0.0)
+                    if distinct:
+                        grad[idx] += d
+                    else:
+                        np.add.at(grad, idx, d)
+    grads: list[Array | None] = list(grad)
+    for i in plan.consts:
+        grads[i] = None
+    return grads

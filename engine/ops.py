@@ -50,6 +50,9 @@ class Op:
     role: str = ""
     # Floating-point operations for the work estimate, from operand and output shapes.
     flops: Callable[[Sequence[Shape], Shape], int] = lambda ins, out: math.prod(out)
+    # Forward and backward work element by element (no axes, no reductions), so the graph may
+    # run many same-op scalar nodes as one call on 1-D arrays (engine.graph level batching).
+    elementwise: bool = False
 
 
 # --- shape rules ------------------------------------------------------------------------
@@ -464,38 +467,48 @@ _KEEPDIMS = "bool; keep reduced axes with size 1 (default false)"
 
 _TABLE: list[Op] = [
     Op("add", 2, "a + b (broadcasting)", add_forward, add_backward, broadcast_shape,
-       role=_DISTRIBUTES),
+       role=_DISTRIBUTES, elementwise=True),
     Op("sub", 2, "a - b (broadcasting)", sub_forward, sub_backward, broadcast_shape,
-       role="sub gate: passes the gradient to a unchanged and negated to b"),
+       role="sub gate: passes the gradient to a unchanged and negated to b", elementwise=True),
     Op("mul", 2, "a * b elementwise (broadcasting)", mul_forward, mul_backward, broadcast_shape,
-       role=_SWAPS),
+       role=_SWAPS, elementwise=True),
     Op("div", 2, "a / b (broadcasting)", div_forward, div_backward, broadcast_shape,
-       role="div gate: da = g / b, db = -g * a / b^2"),
+       role="div gate: da = g / b, db = -g * a / b^2", elementwise=True),
+    # not `elementwise` for batching: NumPy's power loop swaps in sqrt/reciprocal for a scalar
+    # (stride-0) exponent of 0.5/-1, so a 1-D batch differs from the 0-d call in the last bit
+    # and at -inf ((-inf) ** 0.5: nan vs inf); a graph with pow takes the per-node walk
     Op("pow", 2, "base ** exponent (broadcasting)", pow_forward, pow_backward, broadcast_shape,
        role=_LOCAL),
     Op("max", 2, "elementwise maximum of a and b", max_forward, pick_backward, broadcast_shape,
-       role=_ROUTES),
+       role=_ROUTES, elementwise=True),
     Op("min", 2, "elementwise minimum of a and b", min_forward, pick_backward, broadcast_shape,
-       role="min gate: routes the whole gradient to the smaller input (a tie splits it)"),
+       role="min gate: routes the whole gradient to the smaller input (a tie splits it)",
+       elementwise=True),
     Op("identity", 1, "x unchanged (a linear layer's activation)", identity_forward,
-       identity_backward, same_shape, role="passes the gradient through unchanged"),
-    Op("neg", 1, "-x", neg_forward, neg_backward, same_shape, role="negates the gradient"),
-    Op("exp", 1, "e ** x", exp_forward, exp_backward, same_shape, role=_LOCAL),
-    Op("log", 1, "natural logarithm", log_forward, log_backward, same_shape, role=_LOCAL),
-    Op("sqrt", 1, "square root", sqrt_forward, sqrt_backward, same_shape, role=_LOCAL),
-    Op("square", 1, "x * x", square_forward, square_backward, same_shape, role=_LOCAL),
-    Op("abs", 1, "|x| (abs'(0) = 0)", abs_forward, abs_backward, same_shape, role=_LOCAL),
+       identity_backward, same_shape, role="passes the gradient through unchanged",
+       elementwise=True),
+    Op("neg", 1, "-x", neg_forward, neg_backward, same_shape, role="negates the gradient",
+       elementwise=True),
+    Op("exp", 1, "e ** x", exp_forward, exp_backward, same_shape, role=_LOCAL, elementwise=True),
+    Op("log", 1, "natural logarithm", log_forward, log_backward, same_shape, role=_LOCAL,
+       elementwise=True),
+    Op("sqrt", 1, "square root", sqrt_forward, sqrt_backward, same_shape, role=_LOCAL,
+       elementwise=True),
+    Op("square", 1, "x * x", square_forward, square_backward, same_shape, role=_LOCAL,
+       elementwise=True),
+    Op("abs", 1, "|x| (abs'(0) = 0)", abs_forward, abs_backward, same_shape, role=_LOCAL,
+       elementwise=True),
     Op("reciprocal", 1, "1 / x", reciprocal_forward, reciprocal_backward, same_shape,
-       role=_LOCAL),
+       role=_LOCAL, elementwise=True),
     Op("relu", 1, "max(0, x) (relu'(0) = 0)", relu_forward, relu_backward, same_shape,
-       role="relu gate: passes the gradient where x > 0 and blocks it elsewhere"),
+       role="relu gate: passes the gradient where x > 0 and blocks it elsewhere", elementwise=True),
     Op("leaky_relu", 1, "x if x > 0 else alpha * x", leaky_relu_forward, leaky_relu_backward,
        same_shape, attrs={"alpha": "number; the slope for x <= 0 (default 0.01)"},
-       role="passes the gradient where x > 0 and scales it by alpha elsewhere"),
+       role="passes the gradient where x > 0 and scales it by alpha elsewhere", elementwise=True),
     Op("sigmoid", 1, "1 / (1 + e^-x), computed stably", sigmoid_forward, sigmoid_backward,
-       same_shape, role="sigmoid gate: scales the gradient by s * (1 - s)"),
+       same_shape, role="sigmoid gate: scales the gradient by s * (1 - s)", elementwise=True),
     Op("tanh", 1, "hyperbolic tangent", tanh_forward, tanh_backward, same_shape,
-       role="tanh gate: scales the gradient by 1 - t^2"),
+       role="tanh gate: scales the gradient by 1 - t^2", elementwise=True),
     Op("matmul", 2, "matrix product a @ b (NumPy rules)", matmul_forward, matmul_backward,
        matmul_shape, flops=matmul_flops,
        role="matmul gate: da = g @ b.T, db = a.T @ g (each input scaled by the other: swap)"),
@@ -519,6 +532,7 @@ _TABLE: list[Op] = [
        "loss: mean over rows of sum over wrong classes of max(0, s_j - s_label + 1)",
        svm_hinge_forward, svm_hinge_backward, class_loss_shape,
        role="loss: +1 per violated margin, -count at the label, / N; labels get no gradient"),
+
 ]  # fmt: skip
 
 OPS: dict[str, Op] = {op.name: op for op in _TABLE}

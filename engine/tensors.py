@@ -29,6 +29,10 @@ def to_array(
 
 def to_wire(array: Any) -> Any:
     """An array as JSON-ready Python: nested lists of floats, non-finite values as strings."""
+    if isinstance(array, float):  # float and np.float64: scalar graphs, without NumPy calls
+        if math.isfinite(array):
+            return float(array)
+        return "NaN" if math.isnan(array) else ("Infinity" if array > 0 else "-Infinity")
     array = np.asarray(array)
     if array.ndim == 0 and array.dtype.kind == "f" and math.isfinite(scalar := float(array)):
         return scalar  # the common case of scalar graphs, without NumPy's per-call overhead

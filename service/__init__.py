@@ -26,6 +26,11 @@ def create_app(settings: Settings | None = None, **flask_config: Any) -> Flask:
 
     register_observability(app)
 
+    # bearer token on /v1/* when GRADIAG_API_TOKEN is set; CORS only for configured origins
+    from service.security import register_security
+
+    register_security(app)
+
     from service.openapi import openapi_document
     from service.routes import api, json_response, probes
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, get_type_hints
@@ -43,6 +44,9 @@ class Settings:
     max_layers: int = 64
     max_units: int = 16_384
     max_batch: int = 65_536
+    # wall-clock seconds of engine work per request (forward, backward, gradcheck); over it:
+    # a 422 naming time_budget_seconds. Keep it below `timeout`, gunicorn's worker-kill backstop
+    time_budget_seconds: int = 20
     # the HTTP server (read by service/gunicorn_conf.py)
     host: str = "127.0.0.1"
     port: int = field(default=8000, metadata={"max": 65_535, "fallback": ("PORT",)})
@@ -53,6 +57,10 @@ class Settings:
     # read and checked here for the features that use them (auth, CORS)
     api_token: str | None = field(default=None, repr=False, metadata={"secret": True})
     cors_origins: tuple[str, ...] = field(default=(), metadata={"check": origin_problem})
+
+    def deadline(self) -> float:
+        """The `time.monotonic()` value a request started now must finish its engine work by."""
+        return time.monotonic() + self.time_budget_seconds
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import orjson
-from flask import Flask, Response, g, request
-from pydantic import ValidationError
+from flask import Flask, Response, current_app, g, request
+from pydantic import BaseModel, RootModel, ValidationError
+from typing_extensions import TypeAliasType
 from werkzeug.exceptions import HTTPException
 
 from engine import EngineError, LimitError
-from schemas.graph import ALL_OPS, BODY_TAGS
+from schemas.graph import ALL_OPS, BODY_TAGS, ExpressionRequest, GraphRequest
+from schemas.network import NetworkRequest
 
 log = logging.getLogger("gradiag")
 
 PROBLEM_TYPES = {
     400: "urn:gradiag:problem:malformed-json",
+    401: "urn:gradiag:problem:unauthorized",
     413: "urn:gradiag:problem:too-large",
     415: "urn:gradiag:problem:unsupported-media-type",
     422: "urn:gradiag:problem:invalid-body",
@@ -59,36 +63,100 @@ def problem_response(
 
 
 def validation_problem(err: ValidationError, body: bytes) -> ProblemError:
-    """Pydantic's errors with clean paths, each naming the node at fault where there is one."""
-    raw = err.errors(include_url=False, include_context=False, include_input=False)
+    """Pydantic's errors with clean paths, each naming the node at fault where there is one.
+
+    Errors of one field from the branches of a union are said once; an error whose path is
+    a strict prefix of another's (a tensor that is not a number because an element deep in
+    it is not one) gives way to the deeper one."""
+    raw = err.errors(include_url=False, include_context=True, include_input=False)
     if any(e["type"] == "json_invalid" for e in raw):
         return ProblemError(400, "Malformed JSON", raw[0]["msg"])
     nodes = _node_ids(body)
     items: dict[tuple[Any, ...], dict[str, Any]] = {}
     for e in raw:
-        loc = clean_loc(e["loc"])
-        if loc in items:  # a tensor element fails each branch of its union: say it once
-            items[loc]["msg"] = TENSOR_MESSAGE
+        loc = clean_loc(e["loc"], tag_field=_tag_field(e))
+        if loc in items:  # one field failed each branch of its union: say it once
+            item = items[loc]
+            if _is_tensor(e["loc"]):
+                item["msg"] = TENSOR_MESSAGE
+            elif e["msg"] not in item["msg"]:
+                item["msg"] += f"; or: {e['msg']}"
             continue
-        item: dict[str, Any] = {"loc": list(loc), "msg": e["msg"]}
+        item = {"loc": list(loc), "msg": TENSOR_MESSAGE if _is_tensor(e["loc"]) else e["msg"]}
         if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
             item["node"] = nodes.get(loc[1])
         items[loc] = item
-    errors = list(items.values())
-    first = errors[0]
+    deepest = [
+        item
+        for loc, item in items.items()
+        if not any(len(other) > len(loc) and other[: len(loc)] == loc for other in items)
+    ]
+    first = deepest[0]
     where = ".".join(str(p) for p in first["loc"]) or "body"
     node = f" (node {first['node']!r})" if first.get("node") else ""
     return ProblemError(
-        422, "Invalid request body", f"{where}{node}: {first['msg']}", errors=errors
+        422, "Invalid request body", f"{where}{node}: {first['msg']}", errors=deepest
     )
 
 
 TENSOR_MESSAGE = 'must be a number, "NaN", "Infinity", "-Infinity" or a nested list of them'
 
 
-def clean_loc(loc: Iterable[Any]) -> tuple[Any, ...]:
-    """Drop Pydantic's union branch names (`union[...]`, `float`) and discriminator tags
-    (the node tags, and the graph/expression tag GraphBody puts first)."""
+def _is_tensor(loc: Iterable[Any]) -> bool:
+    """Pydantic names the Number branch `union[float,literal['NaN',...]]` in a tensor's path."""
+    return any(isinstance(part, str) and "literal['NaN'" in part for part in loc)
+
+
+def _tag_field(error: Mapping[str, Any]) -> str | None:
+    """The field a tagged union reads its tag from (`op`), for an unknown or missing tag;
+    None for a callable discriminator (GraphBody's)."""
+    if error["type"] not in ("union_tag_invalid", "union_tag_not_found"):
+        return None
+    name = str(error.get("ctx", {}).get("discriminator", "")).strip("'")
+    return name if name.isidentifier() else None
+
+
+def _union_branches(*roots: type[BaseModel]) -> frozenset[tuple[str, str]]:
+    """(field, branch) pairs: the class names Pydantic puts in a path after a union field
+    (`("axis", "int")`, `("gradcheck", "GradcheckOptions")`). Generic branches
+    (`list[int]`, `union[...]`, `literal[...]`) have brackets and are dropped by shape."""
+    pairs: set[tuple[str, str]] = set()
+    seen: set[type[BaseModel]] = set()
+    todo = list(roots)
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            stack: list[Any] = [info.annotation]
+            branches: list[type] = []
+            while stack:
+                tp = stack.pop()
+                if isinstance(tp, TypeAliasType):
+                    continue  # Tensor: recursive, and its branches all have brackets
+                if isinstance(tp, type) and issubclass(tp, BaseModel):
+                    todo.append(tp)
+                origin = get_origin(tp)
+                if origin in (Union, types.UnionType):
+                    branches += [a for a in get_args(tp) if isinstance(a, type)]
+                if origin is not None:
+                    stack.extend(get_args(tp))
+            for tp in branches:
+                if tp is type(None) or issubclass(tp, RootModel):
+                    continue
+                pairs.add((name, tp.__name__))
+    return frozenset(pairs)
+
+
+UNION_BRANCHES = _union_branches(GraphRequest, ExpressionRequest, NetworkRequest)
+
+
+def clean_loc(loc: Iterable[Any], *, tag_field: str | None = None) -> tuple[Any, ...]:
+    """Drop Pydantic's union branch names (`union[...]`, `list[int]`, `float`, `int` after
+    `axis`, `GradcheckOptions` after `gradcheck`) and discriminator tags (the node tags, and
+    the graph/expression tag GraphBody puts first). `tag_field`: the tag itself was at fault
+    (an unknown op), so the path ends in that field."""
     out: list[Any] = []
     skip_next = False
     for k, part in enumerate(loc):
@@ -100,11 +168,15 @@ def clean_loc(loc: Iterable[Any]) -> tuple[Any, ...]:
         if isinstance(part, str) and "[" in part:
             skip_next = part.startswith("union[")  # followed by the branch name
             continue
+        if out and isinstance(out[-1], str) and (out[-1], part) in UNION_BRANCHES:
+            continue
         is_tag = (
             len(out) >= 2 and out[-2] == "nodes" and isinstance(out[-1], int) and part in ALL_OPS
         )
         if not is_tag:
             out.append(part)
+    if tag_field is not None:
+        out.append(tag_field)
     return tuple(out)
 
 
@@ -129,8 +201,13 @@ def engine_problem(err: EngineError) -> ProblemError:
     if err.node is not None:
         item["node"] = err.node
     if isinstance(err, LimitError):
+        value = err.value
+        if err.limit == "time_budget_seconds":  # the engine sees a deadline, not the budget
+            value = current_app.config["GRADIAG"].time_budget_seconds
+            item["msg"] = f"the request ran over its time budget of {value} s"
+            item["msg"] += " (GRADIAG_TIME_BUDGET_SECONDS)"
         return ProblemError(
-            422, "Over a limit", err.message, errors=[item], limit=err.limit, limit_value=err.value
+            422, "Over a limit", item["msg"], errors=[item], limit=err.limit, limit_value=value
         )
     title = "Invalid expression" if err.loc[:1] == ("expression",) else "Invalid graph"
     return ProblemError(422, title, err.message, errors=[item])

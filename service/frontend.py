@@ -33,7 +33,9 @@ def graph_nodes(request: GraphRequest) -> list[NodeSpec]:
             value = to_array(node.value, (*loc, "value"), node=node.id)
             specs.append(NodeSpec(node.id, node.op, value=value, loc=loc))
         else:
-            attrs = node.attrs.model_dump(exclude_defaults=True) if hasattr(node, "attrs") else {}
+            # `in model_fields`, not hasattr: a missing attribute costs Pydantic an exception
+            has_attrs = "attrs" in type(node).model_fields
+            attrs = node.attrs.model_dump(exclude_defaults=True) if has_attrs else {}
             specs.append(NodeSpec(node.id, node.op, tuple(node.inputs), attrs, loc=loc))
     return specs
 
@@ -74,16 +76,20 @@ def body_program(
 
 
 def diagnose(
-    body: GraphRequest | ExpressionRequest, limits: Limits, *, max_expression_chars: int
+    body: GraphRequest | ExpressionRequest,
+    limits: Limits,
+    *,
+    max_expression_chars: int,
+    deadline: float | None = None,
 ) -> Diagnosed:
     program = body_program(body, limits, max_expression_chars=max_expression_chars)
     output_grad = None if body.output_grad is None else to_array(body.output_grad, ("output_grad",))
-    result = run(program, output_grad)
+    result = run(program, output_grad, deadline=deadline)
     diagnostics = graph_diagnostics(result, engine_thresholds(body.thresholds))
     check = None
     if body.gradcheck is not False:
         options = gradcheck_options(body.gradcheck, program, limits)
-        check = gradcheck(result, output_grad, options)
+        check = gradcheck(result, output_grad, options, deadline=deadline)
     return Diagnosed(result, diagnostics, check, body.explain)
 
 

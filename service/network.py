@@ -85,14 +85,16 @@ class DiagnosedNetwork:
     diagnostics: NetworkDiagnostics
 
 
-def diagnose_network(request: NetworkRequest, limits: NetworkLimits) -> DiagnosedNetwork:
+def diagnose_network(
+    request: NetworkRequest, limits: NetworkLimits, deadline: float | None = None
+) -> DiagnosedNetwork:
     """Check, check the limits (nothing drawn yet), lower, run once, read the health."""
     spec = network_spec(request)
     check_network(spec)
     check_network_limits(spec, limits)
     nodes, output = lower(spec)
     program = compile_graph(nodes, output, limits=limits.graph, dtype=np.dtype(spec.dtype))
-    result = run(program)
+    result = run(program, deadline=deadline)
     diagnostics = network_diagnostics(result, spec, engine_thresholds(request.thresholds))
     return DiagnosedNetwork(spec, result, diagnostics)
 
@@ -100,8 +102,9 @@ def diagnose_network(request: NetworkRequest, limits: NetworkLimits) -> Diagnose
 def network_report_of_request() -> dict[str, Any]:
     """The /v1/network report of this request's body (for the JSON and SVG views alike)."""
     request = parse_body(NetworkRequest)
+    settings = current_app.config["GRADIAG"]
     try:
-        done = diagnose_network(request, network_limits(current_app.config["GRADIAG"]))
+        done = diagnose_network(request, network_limits(settings), settings.deadline())
     except EngineError as err:
         raise network_problem(err) from None
     g.report_summary = report_summary(done)

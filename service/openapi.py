@@ -25,10 +25,15 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
 
 _ERRORS = {
     "400": "Malformed JSON",
+    "401": "Missing or wrong bearer token (only when GRADIAG_API_TOKEN is set; docs/hardening.md)",
     "413": "Body over the size limit",
     "415": "Not application/json",
-    "422": "Valid JSON but not a valid graph (the errors point at the field or node)",
+    "422": "Valid JSON but not a valid graph (the errors point at the field or node), or over "
+    "a limit (`limit`, `limit_value`: the size limits and the time budget)",
 }
+_API_ERRORS = ["400", "401", "413", "415", "422"]
+# The token is optional: `{}` is the alternative "no security" (GRADIAG_API_TOKEN unset).
+_API_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -58,8 +63,9 @@ def _post(summary: str, request: type[BaseModel], response: type[BaseModel]) -> 
                     "description": "The report",
                     "content": {"application/json": {"schema": _ref(response)}},
                 },
-                **_problems(["400", "413", "415", "422"]),
+                **_problems(_API_ERRORS),
             },
+            "security": _API_SECURITY,
         }
     }
 
@@ -80,20 +86,38 @@ def _post_svg(summary: str, request: type[BaseModel]) -> dict[str, Any]:
                     "description": "The picture",
                     "content": {"image/svg+xml": {"schema": {"type": "string"}}},
                 },
-                **_problems(["400", "413", "415", "422"]),
+                **_problems(_API_ERRORS),
             },
+            "security": _API_SECURITY,
         }
     }
 
 
-def _get(summary: str, response: type[BaseModel]) -> dict[str, Any]:
+def _get(summary: str, response: type[BaseModel], *, api: bool = False) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {
+                "description": "OK",
+                "content": {"application/json": {"schema": _ref(response)}},
+            }
+        },
+    }
+    if api:
+        operation["responses"].update(_problems(["401"]))
+        operation["security"] = _API_SECURITY
+    return {"get": operation}
+
+
+def _get_text(summary: str, media_type: str) -> dict[str, Any]:
+    """An open GET whose answer is not JSON described by a model (metrics, the page)."""
     return {
         "get": {
             "summary": summary,
             "responses": {
                 "200": {
                     "description": "OK",
-                    "content": {"application/json": {"schema": _ref(response)}},
+                    "content": {media_type: {"schema": {"type": "string"}}},
                 }
             },
         }
@@ -127,9 +151,31 @@ def openapi_document() -> dict[str, Any]:
             "/v1/network.svg": _post_svg(
                 "The network as its layer chain, each layer with its health", NetworkRequest
             ),
-            "/v1/ops": _get("The op catalogue", OpsResponse),
+            "/v1/ops": _get("The op catalogue", OpsResponse, api=True),
             "/healthz": _get("Liveness", ProbeResponse),
             "/readyz": _get("Readiness", ProbeResponse),
+            "/metrics": _get_text("Prometheus metrics (text format)", "text/plain"),
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/": _get_text("The page that draws graphs and network health", "text/html"),
         },
-        "components": {"schemas": schema.get("$defs", {})},
+        "components": {
+            "schemas": schema.get("$defs", {}),
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Only when GRADIAG_API_TOKEN is set; /v1/* only",
+                }
+            },
+        },
     }

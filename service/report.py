@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from engine import OPS, GraphDiagnostics, Result
 from engine.diagnostics import Finding, GateStats
@@ -24,24 +27,41 @@ def health(findings: list[Finding], status: str) -> dict[str, Any]:
 def node_reports(result: Result) -> dict[str, dict[str, Any]]:
     program = result.program
     local = local_grads(result)
+    values = _scalars_wire(result.values, program.shapes)
+    grads = _scalars_wire(result.grads, program.shapes)
+    roles = {op: OPS[op].role if op in OPS else "leaf" for op in set(program.ops)}
+    ids = program.ids
     nodes: dict[str, dict[str, Any]] = {}
-    for i, node_id in enumerate(program.ids):
+    for i, node_id in enumerate(ids):
         op = program.ops[i]
         report: dict[str, Any] = {
             "op": op,
             "shape": list(program.shapes[i]),
-            "value": to_wire(result.values[i]),
+            "value": values[i] if values is not None else to_wire(result.values[i]),
         }
         grad = result.grads[i]
         if grad is not None:
-            report["grad"] = to_wire(grad)
-        report["role"] = OPS[op].role if op in OPS else "leaf"
+            report["grad"] = grads[i] if grads is not None else to_wire(grad)
+        report["role"] = roles[op]
         if program.operands[i]:
-            report["inputs"] = [program.ids[j] for j in program.operands[i]]
+            report["inputs"] = [ids[j] for j in program.operands[i]]
         if i in local:
             report["local_grad"] = {name: to_wire(d) for name, d in local[i].items()}
         nodes[node_id] = report
     return nodes
+
+
+def _scalars_wire(arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]]) -> list[Any] | None:
+    """Scalar graphs: every value as a float in one NumPy call, non-finite ones as their
+    strings (a const's missing gradient is a NaN nobody reads). None when a node is a tensor:
+    then `to_wire` each."""
+    if any(shape != () for shape in shapes):
+        return None
+    flat = np.array([np.nan if a is None else a for a in arrays], dtype=np.float64)
+    wire: list[Any] = flat.tolist()
+    for i in np.flatnonzero(~np.isfinite(flat)).tolist():  # None stays unused (no "grad")
+        wire[i] = to_wire(wire[i])
+    return wire
 
 
 def graph_report(

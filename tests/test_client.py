@@ -200,7 +200,11 @@ def test_problem_detail_is_carried_on_a_422(live_server: str) -> None:
     assert err.is_client_error
     assert err.title == "Invalid request body"
     assert "bogus" in err.detail
-    assert err.errors[0]["loc"] == ["nodes", 1]
+    assert err.errors[0]["loc"] == [
+        "nodes",
+        1,
+        "op",
+    ]  # an unknown op: the path ends in the field at fault
     assert err.errors[0]["node"] == "y"
     assert err.problem["instance"] == "/v1/graph"
 

@@ -1,0 +1,553 @@
+"""gradiag's benchmark (`make bench`): every ratio is measured in this one run.
+
+Runs in .venv-bench (the project plus the `bench` extra: torch==2.13.0 CPU, micrograd==0.1.0,
+threadpoolctl); torch never enters the test environment. Each timing is the median of
+several repetitions after a warm-up. Results: bench/results/<stamp>.json and .md, and the
+latest copies bench/results/latest.json / latest.md. `--quick` runs fewer repetitions and
+skips the 1M-node graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import random
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+EXAMPLES = Path(os.environ.get("GRADIAG_EXAMPLES", "/work/shared/examples"))
+SIGMOID_BODY = {
+    "expression": "sigmoid(w0*x0 + w1*x1 + w2)",
+    "values": {"w0": 2, "x0": -1, "w1": -3, "x1": -2, "w2": -3},
+}
+BIG_MLP = [784, 1024, 1024, 1024, 10]
+BATCH = 256
+
+
+def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# --- machine -----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    from threadpoolctl import threadpool_info
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "blas": [
+            {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+            for info in threadpool_info()
+        ],
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+    }
+
+
+# --- network mode vs PyTorch -------------------------------------------------------------
+
+
+def network_body(dims: list[int], batch: int, dtype: str) -> dict[str, Any]:
+    *hidden, last = dims[1:]
+    return {
+        "input_dim": dims[0],
+        "layers": [{"units": u, "activation": "relu"} for u in hidden]
+        + [{"units": last, "activation": "linear"}],
+        "loss": "softmax_cross_entropy",
+        "init": {"scheme": "he", "seed": 0},
+        "batch": {"random": {"size": batch, "seed": 0}},
+        "dtype": dtype,
+    }
+
+
+def bench_network(dtype: str, reps: int, matmul_gflops: float) -> dict[str, Any]:
+    import torch
+
+    from engine import Limits, compile_graph, run
+    from engine.network import lower, network_diagnostics
+    from schemas.network import NetworkRequest
+    from service.frontend import engine_thresholds
+    from service.network import network_spec
+
+    request = NetworkRequest.model_validate(network_body(BIG_MLP, BATCH, dtype))
+    spec = network_spec(request)
+    nodes, output = lower(spec)  # weights and batch drawn once, outside the timing
+    thresholds = engine_thresholds(request.thresholds)
+
+    def gradiag() -> None:
+        program = compile_graph(nodes, output, limits=Limits(), dtype=np.dtype(dtype))
+        result = run(program)
+        network_diagnostics(result, spec, thresholds)
+
+    t_gradiag = median_time(gradiag, reps, warmup=2)
+
+    tdtype = torch.float64 if dtype == "float64" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    dims = BIG_MLP
+    weights = [
+        (torch.randn(a, b, generator=gen, dtype=tdtype) * (2 / a) ** 0.5).requires_grad_()
+        for a, b in itertools.pairwise(dims)
+    ]
+    biases = [torch.zeros(b, dtype=tdtype, requires_grad=True) for b in dims[1:]]
+    x = torch.randn(BATCH, dims[0], generator=gen, dtype=tdtype)
+    y = torch.randint(0, dims[-1], (BATCH,), generator=gen)
+
+    def pytorch() -> None:
+        h = x
+        dead = []
+        for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
+            h = h @ w + b
+            if k < len(weights) - 1:
+                h = torch.relu(h)
+                h.retain_grad()
+                dead.append(h)
+        loss = torch.nn.functional.cross_entropy(h, y)
+        for p in (*weights, *biases):
+            p.grad = None
+        loss.backward()
+        # the same diagnostics: dead fraction per layer, gradient norms
+        with torch.no_grad():
+            [float((a <= 0).all(dim=0).double().mean()) for a in dead]
+            [float(p.grad.norm()) for p in (*weights, *biases)]
+
+    t_torch = median_time(pytorch, reps, warmup=2)
+    fwd = 2 * BATCH * sum(a * b for a, b in itertools.pairwise(dims))
+    gflops = 3 * fwd / t_gradiag / 1e9  # forward + the two backward matmuls per layer
+    return {
+        "dtype": dtype,
+        "gradiag_s": t_gradiag,
+        "torch_s": t_torch,
+        "ratio_vs_torch": t_gradiag / t_torch,
+        "gradiag_gflops": gflops,
+        "matmul_gflops": matmul_gflops,
+        "fraction_of_matmul": gflops / matmul_gflops,
+    }
+
+
+def matmul_rate(dtype: str, reps: int) -> float:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((1024, 1024)).astype(dtype)
+    b = rng.standard_normal((1024, 1024)).astype(dtype)
+    t = median_time(lambda: a @ b, reps, warmup=2)
+    return 2 * 1024**3 / t / 1e9
+
+
+# --- scalar graphs: gradiag over HTTP vs micrograd in process ----------------------------
+
+Node = tuple[str, str, tuple[int, ...], float]  # id, op, operand indices, leaf value
+
+
+def scalar_mlp(target: int, seed: int = 0) -> list[Node]:
+    """A micrograd-style MLP expanded to scalars: relu(sum_i w_i x_i + b) per neuron."""
+    rng = random.Random(seed)
+    width = max(4, int((target / 9) ** 0.5))  # 3w^2 + 3w nodes per layer: about 3 layers
+    nodes: list[Node] = []
+
+    def leaf(op: str) -> int:
+        nodes.append((f"v{len(nodes)}", op, (), rng.uniform(-1, 1)))
+        return len(nodes) - 1
+
+    def op(name: str, *ins: int) -> int:
+        nodes.append((f"v{len(nodes)}", name, ins, 0.0))
+        return len(nodes) - 1
+
+    layer = [leaf("input") for _ in range(width)]
+    while True:
+        out = []
+        for _ in range(width):
+            acc = leaf("param")
+            for x in layer:
+                acc = op("add", acc, op("mul", leaf("param"), x))
+            out.append(op("relu", acc))
+        layer = out
+        if len(nodes) + width * (3 * width + 3) // 2 + width > target:  # nearest to target
+            break
+    acc = layer[0]
+    for x in layer[1:]:
+        acc = op("add", acc, x)
+    return nodes
+
+
+def random_dag(target: int, seed: int = 0) -> list[Node]:
+    rng = random.Random(seed)
+    nodes: list[Node] = [(f"v{k}", "param", (), rng.uniform(-1, 1)) for k in range(64)]
+    for k in range(64, target):
+        j = k - 1 - min(int(rng.expovariate(0.01)), k - 1)
+        if rng.random() < 0.2:
+            nodes.append((f"v{k}", "relu", (j,), 0.0))
+        else:
+            i = rng.randrange(max(0, k - 1000), k)
+            nodes.append((f"v{k}", rng.choice(("add", "mul")), (i, j), 0.0))
+    return nodes
+
+
+def graph_body(nodes: list[Node]) -> dict[str, Any]:
+    wire = []
+    for node_id, op, ins, value in nodes:
+        if ins:
+            wire.append({"id": node_id, "op": op, "inputs": [nodes[j][0] for j in ins]})
+        else:
+            wire.append({"id": node_id, "op": op, "value": value})
+    return {"nodes": wire, "output": nodes[-1][0]}
+
+
+def micrograd_run(nodes: list[Node]) -> None:
+    from micrograd.engine import Value
+
+    values: list[Any] = []
+    for _, op, ins, value in nodes:
+        if not ins:
+            values.append(Value(value))
+        elif op == "add":
+            values.append(values[ins[0]] + values[ins[1]])
+        elif op == "mul":
+            values.append(values[ins[0]] * values[ins[1]])
+        else:
+            values.append(values[ins[0]].relu())
+    values[-1].backward()
+
+
+def in_big_stack(fn: Callable[[], Any]) -> Any:
+    """micrograd's backward recurses: run it with a deep recursion limit on a big stack."""
+    out: list[Any] = []
+    sys.setrecursionlimit(10**7)
+    threading.stack_size(1 << 30)
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    threading.stack_size(0)
+    return out[0] if out else None
+
+
+def post_graph(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    response = requests.post(
+        url + "/v1/graph",
+        data=orjson.dumps(body),
+        headers={"Content-Type": "application/json"},
+        timeout=900,
+    )
+    return response.status_code, orjson.loads(response.content)
+
+
+def bench_scalar(url: str, default_url: str, size: int, kind: str, reps: int) -> dict[str, Any]:
+    nodes = (scalar_mlp if kind == "mlp" else random_dag)(size)
+    body = graph_body(nodes)
+    row: dict[str, Any] = {"kind": kind, "size": size, "nodes": len(nodes)}
+    if size >= 1_000_000:
+        status, problem = post_graph(default_url, body)
+        row["default_server_status"] = status
+        row["default_server_problem"] = problem.get("title") if isinstance(problem, dict) else None
+
+    def gradiag() -> None:
+        status, _ = post_graph(url, body)
+        assert status == 200, status
+
+    row["gradiag_http_s"] = median_time(gradiag, reps, warmup=1)
+    row["micrograd_s"] = median_time(lambda: in_big_stack(lambda: micrograd_run(nodes)), reps, 1)
+    row["speedup"] = row["micrograd_s"] / row["gradiag_http_s"]
+    return row
+
+
+# --- service throughput ------------------------------------------------------------------
+
+
+def load(url: str, method: str, path: str, body: bytes | None, seconds: float, clients: int):
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def client() -> None:
+        session = requests.Session()
+        mine = []
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            if method == "GET":
+                r = session.get(url + path, timeout=60)
+            else:
+                r = session.post(
+                    url + path, data=body, headers={"Content-Type": "application/json"}, timeout=60
+                )
+            assert r.status_code == 200, (path, r.status_code)
+            mine.append(time.perf_counter() - t)
+        with lock:
+            latencies.extend(mine)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "path": path,
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    }
+
+
+def bench_throughput(url: str, seconds: float, clients: int) -> dict[str, Any]:
+    mid = orjson.dumps(network_body([64, 128, 128, 10], 64, "float64"))
+    sigmoid = orjson.dumps(SIGMOID_BODY)
+    sigmoid_file = EXAMPLES / "cs231n-sigmoid.expression.json"
+    if sigmoid_file.exists():
+        sigmoid = sigmoid_file.read_bytes()
+    for path, body in (("/v1/graph", sigmoid), ("/v1/network", mid)):  # warm-up
+        load(url, "POST", path, body, 0.5, 1)
+    rows = {
+        "healthz": load(url, "GET", "/healthz", None, seconds, clients),
+        "graph": load(url, "POST", "/v1/graph", sigmoid, seconds, clients),
+        "network": load(url, "POST", "/v1/network", mid, seconds, clients),
+    }
+    for name in ("graph", "network"):
+        rows[name]["ratio_vs_healthz"] = rows[name]["rps"] / rows["healthz"]["rps"]
+    return rows
+
+
+# --- peak RSS of the big-MLP request -----------------------------------------------------
+
+RSS_CHILD = """
+import sys, orjson, numpy as np
+from schemas.network import NetworkRequest
+from service.network import diagnose_network, network_report
+from engine.network import NetworkLimits
+def status(key):  # /proc: VmHWM is this process's own peak (ru_maxrss survives exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+body = orjson.loads(sys.argv[1])
+request = NetworkRequest.model_validate(body)
+import gc; gc.collect()
+base = status("VmRSS")
+done = diagnose_network(request, NetworkLimits())
+report = orjson.dumps(network_report(done, gradients=False))
+peak = status("VmHWM")
+r = done.result
+tensor = sum(np.asarray(v).nbytes for v in r.values) + sum(
+    np.asarray(g).nbytes for g in r.grads if g is not None)
+print(orjson.dumps({"base_kib": base, "peak_kib": peak, "tensor_bytes": tensor}).decode())
+"""
+
+
+def bench_rss(dtype: str) -> dict[str, Any]:
+    body = orjson.dumps(network_body(BIG_MLP, BATCH, dtype)).decode()
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, body],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["dtype"] = dtype
+    row["request_bytes"] = (row["peak_kib"] - row["base_kib"]) * 1024
+    row["ratio"] = row["request_bytes"] / row["tensor_bytes"]
+    return row
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, workers: int, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full = {**os.environ, **env, "GRADIAG_LOG_LEVEL": "warning"}
+        cmd = [str(Path(sys.executable).parent / "gradiag"), "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--workers", str(workers)]
+        self.proc = subprocess.Popen(cmd, env=full, cwd=ROOT, stdout=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("the server did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def summary(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# gradiag benchmark",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, numpy {m['numpy']}, "
+        f"torch {m['torch']} ({m['torch_threads']} threads); BLAS "
+        + ", ".join(
+            f"{b['internal_api']} {b['version']} {b['architecture']} ({b['num_threads']} threads)"
+            for b in m["blas"]
+        )
+        + f"; OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}",
+        "",
+        "| measurement | gradiag | baseline | ratio | target | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["network"]:
+        lines.append(
+            f"| MLP 784-1024x3-10 b256 {row['dtype']} fwd+bwd+diag "
+            f"| {row['gradiag_s'] * 1e3:.1f} ms "
+            f"| torch {row['torch_s'] * 1e3:.1f} ms | {row['ratio_vs_torch']:.2f}x time | <= 1.0 "
+            f"| {verdict(row['ratio_vs_torch'] <= 1.0)} |"
+        )
+        lines.append(
+            f"| ... achieved rate {row['dtype']} | {row['gradiag_gflops']:.1f} GFLOP/s "
+            f"| matmul {row['matmul_gflops']:.1f} GFLOP/s | {row['fraction_of_matmul']:.0%} "
+            f"| >= 85% | {verdict(row['fraction_of_matmul'] >= 0.85)} |"
+        )
+    for row in results["scalar"]:
+        target = ">= 20x" if row["size"] == 100_000 else "(info)"
+        ok = verdict(row["speedup"] >= 20) if row["size"] == 100_000 else ""
+        note = ""
+        if "default_server_status" in row:
+            note = f" (default server: {row['default_server_status']}; raised limits used)"
+        lines.append(
+            f"| scalar {row['kind']} {row['nodes']:,} nodes, HTTP end to end{note} "
+            f"| {row['gradiag_http_s'] * 1e3:.0f} ms | micrograd {row['micrograd_s'] * 1e3:.0f} ms "
+            f"| {row['speedup']:.1f}x faster | {target} | {ok} |"
+        )
+    t = results["throughput"]
+    for name in ("graph", "network"):
+        row = t[name]
+        target, ok = (
+            (">= 0.7x", verdict(row["ratio_vs_healthz"] >= 0.7))
+            if name == "graph"
+            else ("(info)", "")
+        )
+        lines.append(
+            f"| POST {row['path']} req/s (p50/p99 ms) | {row['rps']:.0f} "
+            f"({row['p50_ms']:.1f}/{row['p99_ms']:.1f}) | /healthz {t['healthz']['rps']:.0f} "
+            f"({t['healthz']['p50_ms']:.1f}/{t['healthz']['p99_ms']:.1f}) "
+            f"| {row['ratio_vs_healthz']:.2f}x | {target} | {ok} |"
+        )
+    for row in results["rss"]:
+        lines.append(
+            f"| peak RSS big MLP {row['dtype']} | {row['request_bytes'] / 2**20:.0f} MiB "
+            f"| tensors {row['tensor_bytes'] / 2**20:.0f} MiB | {row['ratio']:.2f}x | <= 1.5x "
+            f"| {verdict(row['ratio'] <= 1.5)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 1M graphs")
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args()
+    reps = args.reps or (3 if args.quick else 7)
+    import torch
+
+    threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    results: dict[str, Any] = {"machine": machine(), "reps": reps}
+    print(f"machine: {results['machine']}", flush=True)
+
+    results["network"] = []
+    for dtype in ("float64", "float32"):
+        rate = matmul_rate(dtype, reps)
+        row = bench_network(dtype, reps, rate)
+        print(row, flush=True)
+        results["network"].append(row)
+
+    results["rss"] = [bench_rss(dtype) for dtype in ("float64", "float32")]
+    print(results["rss"], flush=True)
+
+    one = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    big = Server(
+        1,
+        GRADIAG_MAX_NODES="2000000",
+        GRADIAG_MAX_BODY_BYTES=str(1 << 30),
+        GRADIAG_TIMEOUT="900",
+        **one,
+    )
+    default = Server(1, **one)
+    try:
+        results["scalar"] = []
+        sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
+        for size in sizes:
+            for kind in ("mlp", "dag"):
+                n = reps if size < 1_000_000 else 1
+                row = bench_scalar(big.url, default.url, size, kind, n)
+                print(row, flush=True)
+                results["scalar"].append(row)
+    finally:
+        big.close()
+        default.close()
+
+    server = Server(os.cpu_count() or 1, **one)
+    try:
+        results["throughput"] = bench_throughput(server.url, 2.0 if args.quick else 5.0, 4)
+        print(results["throughput"], flush=True)
+    finally:
+        server.close()
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    text = summary(results)
+    for name in (stamp, "latest"):
+        (RESULTS / f"{name}.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+        (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"(bench process peak RSS {peak / 1024:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Level batching (engine.graph) gives the per-node walk's values and gradients.
+
+Random scalar DAGs with fan-out (operands drawn from all earlier nodes), every elementwise op,
+leaky_relu with two alphas (two groups at one level), kinks and ties (relu/abs at 0, max/min
+of equal operands), consts, nodes that do not reach the output, and non-finite values."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import graph
+from engine.graph import NodeSpec, batch_plan, compile_graph, run
+
+UNARY = ["identity", "neg", "exp", "log", "sqrt", "square", "abs", "reciprocal", "relu",
+         "sigmoid", "tanh", "leaky_relu"]  # fmt: skip
+BINARY = ["add", "sub", "mul", "div", "max", "min"]  # pow is not batched (engine.ops)
+SAFE_UNARY = ["identity", "neg", "abs", "relu", "sigmoid", "tanh", "leaky_relu", "square"]
+SAFE_BINARY = ["add", "sub", "mul", "max", "min"]
+
+
+def random_dag(seed: int, n: int, *, safe: bool = True, leaves: int = 20) -> list[NodeSpec]:
+    rng = random.Random(seed)
+    unary, binary = (SAFE_UNARY, SAFE_BINARY) if safe else (UNARY, BINARY)
+    specs: list[NodeSpec] = []
+    for k in range(leaves):
+        op = "const" if k % 7 == 3 else ("param" if k % 2 else "input")
+        value = rng.choice([0.0, 0.0, 1.0, -1.0, 0.5, rng.uniform(-2, 2)])  # kinks and ties
+        specs.append(NodeSpec(f"l{k}", op, value=np.asarray(value)))
+    for k in range(leaves, n):
+        # fan-out: recent nodes are picked often, so many share operands at one level
+        def pick(k: int = k) -> str:
+            j = (
+                k - 1 - min(int(rng.expovariate(0.2)), k - 1)
+                if rng.random() < 0.7
+                else rng.randrange(k)
+            )
+            return specs[j].id
+
+        if rng.random() < 0.5:
+            op = rng.choice(unary)
+            attrs = {"alpha": rng.choice([0.01, 0.2])} if op == "leaky_relu" else {}
+            specs.append(NodeSpec(f"n{k}", op, (pick(),), attrs))
+        else:
+            a = pick()
+            b = a if rng.random() < 0.1 else pick()  # x op x: one node in both positions
+            specs.append(NodeSpec(f"n{k}", rng.choice(binary), (a, b)))
+    return specs
+
+
+def both_paths(
+    specs: list[NodeSpec], output: str, monkeypatch: pytest.MonkeyPatch, dtype: type = np.float64
+) -> tuple[graph.Result, graph.Result]:
+    batched = compile_graph(specs, output, dtype=dtype)
+    assert batch_plan(batched) is not None
+    with monkeypatch.context() as m:
+        m.setattr(graph, "BATCH_MIN_NODES", 10**9)
+        plain = compile_graph(specs, output, dtype=dtype)
+        assert batch_plan(plain) is None
+    return run(batched), run(plain)
+
+
+def assert_same(batched: graph.Result, plain: graph.Result, rtol: float = 1e-12) -> None:
+    values_b = np.array([float(v) for v in batched.values])
+    values_p = np.array([float(v) for v in plain.values])
+    assert np.array_equal(values_b, values_p, equal_nan=True)  # forward: same op calls
+    for i, (gb, gp) in enumerate(zip(batched.grads, plain.grads, strict=True)):
+        if gp is None:
+            assert gb is None, i
+            continue
+        assert gb is not None, i
+        # fan-in sums may add in another order: equal up to rounding
+        np.testing.assert_allclose(float(gb), float(gp), rtol=rtol, atol=1e-300, err_msg=str(i))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_dags_match_the_plain_walk(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = random_dag(seed, 400 + 50 * seed)
+    batched, plain = both_paths(specs, specs[-1].id, monkeypatch)
+    assert_same(batched, plain)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unsafe_ops_with_nonfinite_values(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """log(0), 1/0, sqrt(-1): infinities and NaNs propagate the same way on both paths."""
+    specs = random_dag(100 + seed, 500, safe=False)
+    batched, plain = both_paths(specs, specs[-1].id, monkeypatch)
+    assert_same(batched, plain)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_output_in_the_middle(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes after the output or beside it get gradient 0, even where 0 * inf would be NaN."""
+    specs = random_dag(200 + seed, 600, safe=False)
+    batched, plain = both_paths(specs, specs[350].id, monkeypatch)
+    assert_same(batched, plain)
+
+
+def test_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = random_dag(7, 800)
+    batched, plain = both_paths(specs, specs[-1].id, monkeypatch, dtype=np.float32)
+    assert batched.values[-1].dtype == np.float32
+    assert_same(batched, plain, rtol=1e-5)
+
+
+def test_gradient_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = random_dag(8, 300)
+    batched = compile_graph(specs, specs[-1].id)
+    with monkeypatch.context() as m:
+        m.setattr(graph, "BATCH_MIN_NODES", 10**9)
+        plain = compile_graph(specs, specs[-1].id)
+    assert_same(run(batched, np.asarray(-2.5)), run(plain, np.asarray(-2.5)))
+
+
+def test_tensor_graphs_take_the_plain_walk() -> None:
+    specs = [NodeSpec("x", "input", value=np.ones(3))]
+    specs += [NodeSpec(f"n{k}", "tanh", (specs[-1].id,)) for k in range(300)]
+    assert batch_plan(compile_graph(specs, specs[-1].id)) is None
+
+
+def test_a_graph_with_pow_takes_the_plain_walk() -> None:
+    specs = random_dag(3, 400)
+    specs.append(NodeSpec("p", "pow", (specs[-1].id, specs[-2].id)))
+    assert batch_plan(compile_graph(specs, "p")) is None
+
+
+def test_a_long_chain_is_one_group_per_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = [NodeSpec("x", "input", value=np.asarray(0.3))]
+    for k in range(1000):
+        specs.append(NodeSpec(f"n{k}", "sigmoid", (specs[-1].id,)))
+    batched, plain = both_paths(specs, specs[-1].id, monkeypatch)
+    plan = batch_plan(batched.program)
+    assert plan is not None and len(plan.levels) == 1000
+    assert_same(batched, plain)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(256, 700), safe=st.booleans())
+def test_hypothesis_dags(seed: int, n: int, safe: bool) -> None:
+    specs = random_dag(seed, n, safe=safe)
+    batched = compile_graph(specs, specs[-1].id)
+    plain = compile_graph(specs, specs[-1].id)
+    plain.__dict__["_plan"] = graph._NOT_BATCHABLE  # the per-node walk on the same graph
+    assert_same(run(batched), run(plain))
