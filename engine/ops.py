@@ -198,7 +198,7 @@ def _pick_forward(a: Array, b: Array, larger: bool) -> tuple[Array, Cache]:
     wins = a > b if larger else a < b
     ties = a == b
     # The winner takes the gradient; a tie splits it equally (PyTorch's maximum/minimum).
-    share_a = np.where(wins, 1.0, np.where(ties, 0.5, 0.0)).astype(np.result_type(a, b))
+    share_a = np.where(wins, 1.0, np.where(ties, 0.5, 0.0)).astype(np.result_type(a, b), copy=False)
     return (np.maximum(a, b) if larger else np.minimum(a, b)), share_a
 
 
@@ -286,15 +286,15 @@ def reciprocal_backward(dout: Array, out: Cache) -> Grads:
 
 def relu_forward(x: Array) -> tuple[Array, Cache]:
     passes = x > 0  # relu'(0) = 0
-    return np.where(passes, x, 0.0).astype(x.dtype), passes
+    return np.where(passes, x, 0.0).astype(x.dtype, copy=False), passes
 
 
 def relu_backward(dout: Array, passes: Cache) -> Grads:
-    return (np.where(passes, dout, 0.0).astype(dout.dtype),)  # a blocked inf stays 0
+    return (np.where(passes, dout, 0.0).astype(dout.dtype, copy=False),)  # a blocked inf stays 0
 
 
 def leaky_relu_forward(x: Array, alpha: float = 0.01) -> tuple[Array, Cache]:
-    slope = np.where(x > 0, 1.0, alpha).astype(x.dtype)  # leaky_relu'(0) = alpha
+    slope = np.where(x > 0, 1.0, alpha).astype(x.dtype, copy=False)  # leaky_relu'(0) = alpha
     return x * slope, slope
 
 
@@ -305,7 +305,7 @@ def leaky_relu_backward(dout: Array, slope: Cache) -> Grads:
 def sigmoid_forward(x: Array) -> tuple[Array, Cache]:
     # exp(-|x|) never overflows; each branch is the stable form for its sign.
     e = np.exp(-np.abs(x))
-    out = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype)
+    out = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
     return out, out
 
 
