@@ -23,6 +23,17 @@ from engine.tensors import to_array
 from schemas.common import Thresholds as WireThresholds
 from schemas.graph import ExpressionRequest, GraphRequest, LeafNode
 from schemas.graph import GradcheckOptions as WireGradcheckOptions
+from service.config import Settings
+
+
+def engine_limits(settings: Settings) -> Limits:
+    """The graph limits of the settings, for every front end (graph, expression, network)."""
+    return Limits(
+        max_nodes=settings.max_nodes,
+        max_tensor_elements=settings.max_tensor_elements,
+        max_total_elements=settings.max_total_elements,
+        max_flops=settings.max_flops,
+    )
 
 
 def graph_nodes(request: GraphRequest) -> list[NodeSpec]:

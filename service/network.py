@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from flask import current_app, g
 
-from engine import EngineError, LimitError, Limits, Result, compile_graph, run
+from engine import EngineError, LimitError, Result, compile_graph, run
 from engine.network import (
     Batch,
     Init,
@@ -31,7 +31,7 @@ from schemas.network import NetworkRequest
 from service.body import parse_body
 from service.config import Settings
 from service.errors import ProblemError, engine_problem
-from service.frontend import engine_thresholds
+from service.frontend import engine_limits, engine_thresholds
 from service.metrics import ReportSummary
 from service.report import health, node_reports
 
@@ -69,12 +69,7 @@ def network_limits(settings: Settings) -> NetworkLimits:
         max_layers=settings.max_layers,
         max_units=settings.max_units,
         max_batch=settings.max_batch,
-        graph=Limits(
-            max_nodes=settings.max_nodes,
-            max_tensor_elements=settings.max_tensor_elements,
-            max_total_elements=settings.max_total_elements,
-            max_flops=settings.max_flops,
-        ),
+        graph=engine_limits(settings),
     )
 
 

@@ -15,7 +15,6 @@ from engine import (
     LEAF_OPS,
     OPS,
     EngineError,
-    Limits,
     NodeSpec,
     compile_graph,
     run,
@@ -23,7 +22,7 @@ from engine import (
 from schemas.graph import GraphBody
 from service.body import parse_body
 from service.errors import engine_problem
-from service.frontend import diagnose
+from service.frontend import diagnose, engine_limits
 from service.metrics import ReportSummary
 from service.network import network_report_of_request
 from service.report import graph_report
@@ -35,16 +34,6 @@ probes = Blueprint("probes", __name__)
 
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
-
-
-def engine_limits() -> Limits:
-    settings = current_app.config["GRADIAG"]
-    return Limits(
-        max_nodes=settings.max_nodes,
-        max_tensor_elements=settings.max_tensor_elements,
-        max_total_elements=settings.max_total_elements,
-        max_flops=settings.max_flops,
-    )
 
 
 def svg_response(svg: str) -> Response:
@@ -59,7 +48,7 @@ def graph_report_of_request() -> dict[str, Any]:
     try:
         done = diagnose(
             body,
-            engine_limits(),
+            engine_limits(settings),
             max_expression_chars=settings.max_expression_chars,
             deadline=settings.deadline(),
         )
@@ -94,7 +83,8 @@ def post_graph() -> Response:
 @api.post("/v1/graph.svg")
 def post_graph_svg() -> Response:
     """The same body and errors as POST /v1/graph; the answer is the picture."""
-    return svg_response(graph_svg(graph_report_of_request()))
+    with paused_gc():
+        return svg_response(graph_svg(graph_report_of_request()))
 
 
 @api.post("/v1/network")
@@ -107,8 +97,9 @@ def post_network() -> Response:
 @api.post("/v1/network.svg")
 def post_network_svg() -> Response:
     """The same body and errors as POST /v1/network; the answer is the layer chain."""
-    report = network_report_of_request()
-    return svg_response(network_svg(report, report["input_dim"]))
+    with paused_gc():
+        report = network_report_of_request()
+        return svg_response(network_svg(report, report["input_dim"]))
 
 
 @api.get("/v1/ops")
