@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.graph import Result
+from engine.graph import OperandRows, Program, Result, RowIds, op_rows
 from engine.ops import Array
 
 SEVERITY_RANK = {"ok": 0, "warn": 1, "fail": 2}
@@ -111,6 +111,8 @@ SATURATION_ADVICE = {
 
 
 def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostics:
+    if result.flat_values is not None and result.flat_grads is not None:
+        return _scalar_diagnostics(result, result.flat_values, result.flat_grads, thresholds)
     program = result.program
     gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
     findings: list[Finding] = []
@@ -135,7 +137,8 @@ def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostic
         if not (is_finite(result.values[i]) and is_finite(result.grads[i]))
     ]
     if nonfinite:
-        findings.append(_nonfinite_finding(result, nonfinite[0], len(nonfinite)))
+        first = list(program.ids).index(nonfinite[0])
+        findings.append(_nonfinite_finding(result, first, len(nonfinite)))
     findings.extend(_exploding_leaf_findings(result, thresholds))
 
     params = [i for i, op in enumerate(program.ops) if op == "param"]
@@ -151,7 +154,19 @@ def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostic
 
 
 def _gate_finding(node: str, op: str, flagged: Array, thresholds: Thresholds) -> Finding | None:
-    fraction = float(np.count_nonzero(flagged)) / flagged.size if flagged.size else 0.0
+    found = _gate_verdict(op, int(np.count_nonzero(flagged)), flagged.size, thresholds)
+    if found is None:
+        return None
+    code, severity, text = found
+    return Finding(code, severity, node, f"{op} node {node!r}: {text}")
+
+
+def _gate_verdict(
+    op: str, count: int, size: int, thresholds: Thresholds
+) -> tuple[str, str, str] | None:
+    """(code, severity, message after the node's name) of a gate node with `count` of its
+    `size` elements flagged; None when that is healthy."""
+    fraction = count / size if size else 0.0
     if op == "relu":
         severity = grade(fraction, thresholds.dead_warn, thresholds.dead_fail)
         code, what, advice = "dead_relu", "dead (input <= 0)", DEAD_RELU_ADVICE
@@ -161,16 +176,73 @@ def _gate_finding(node: str, op: str, flagged: Array, thresholds: Thresholds) ->
         advice = SATURATION_ADVICE[op]
     if severity == "ok":
         return None
-    count = int(np.count_nonzero(flagged))
-    message = (
-        f"{op} node {node!r}: {count} of {flagged.size} elements ({fraction:.0%}) are {what}; "
-        f"{advice}."
+    return code, severity, f"{count} of {size} elements ({fraction:.0%}) are {what}; {advice}."
+
+
+def _scalar_diagnostics(
+    result: Result, values: Array, grads: Array, thresholds: Thresholds
+) -> GraphDiagnostics:
+    """graph_diagnostics of an all-scalar program from its flat value and gradient arrays:
+    the same stats and findings, in the same order, with one NumPy pass per question."""
+    program = result.program
+    none = np.empty(0, np.intp)
+    rows = {
+        op: op_rows(program).get(op, none) for op in ("relu", "sigmoid", "tanh", "input", "param")
+    }
+    gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
+    found: list[tuple[int, str, tuple[str, str, str]]] = []  # (row, op, verdict)
+    for op, stats in gates.items():
+        at = rows[op]
+        if op == "relu":
+            flagged = is_dead(values[_first_operands(program, at)])
+        else:
+            flagged = is_saturated(values[at], op, thresholds.saturation_eps)
+        stats.nodes = stats.elements = at.size
+        stats.flagged = int(np.count_nonzero(flagged))
+        for count, where in ((1, at[flagged]), (0, at[~flagged])):  # a scalar: 1 of 1, or 0
+            verdict = _gate_verdict(op, count, 1, thresholds)
+            if verdict is not None:
+                found += [(i, op, verdict) for i in where.tolist()]
+    found.sort(key=lambda row: row[0])  # node order, as the per-node path reports them
+    findings = [
+        Finding(code, severity, program.ids[i], f"{op} node {program.ids[i]!r}: {text}")
+        for i, op, (code, severity, text) in found
+    ]
+    bad = np.flatnonzero(~(np.isfinite(values) & np.isfinite(grads)))
+    nonfinite = _ids_at(program, bad)
+    if nonfinite:
+        findings.append(_nonfinite_finding(result, int(bad[0]), len(nonfinite)))
+    leaves = np.sort(np.concatenate((rows["input"], rows["param"])))
+    with np.errstate(invalid="ignore"):
+        leaf_grads = grads[leaves]
+        steep = leaves[np.isfinite(leaf_grads) & (np.abs(leaf_grads) > thresholds.exploding_norm)]
+    findings += [_exploding(program.ids[i], abs(float(grads[i])), thresholds) for i in steep]
+    return GraphDiagnostics(
+        relu=gates["relu"],
+        sigmoid=gates["sigmoid"],
+        tanh=gates["tanh"],
+        nonfinite_nodes=nonfinite,
+        parameter_tensors=rows["param"].size,
+        parameter_total=rows["param"].size,
+        findings=findings,
     )
-    return Finding(code, severity, node, message)
 
 
-def _nonfinite_finding(result: Result, first: str, count: int) -> Finding:
-    i = result.program.ids.index(first)
+def _first_operands(program: Program, rows: Array) -> Array:
+    if isinstance(program.operands, OperandRows):  # a columns body: read the column
+        first: Array = program.operands.columns[0][rows]
+        return first
+    return np.array([program.operands[i][0] for i in rows.tolist()], np.intp)
+
+
+def _ids_at(program: Program, rows: Array) -> list[str]:
+    if isinstance(program.ids, RowIds):  # a columns body without ids: the row numbers
+        return list(map(str, rows.tolist()))
+    return [program.ids[i] for i in rows.tolist()]
+
+
+def _nonfinite_finding(result: Result, i: int, count: int) -> Finding:
+    first = result.program.ids[i]
     where = "value" if not is_finite(result.values[i]) else "gradient"
     return Finding(
         "nonfinite",
@@ -192,14 +264,15 @@ def _exploding_leaf_findings(result: Result, thresholds: Thresholds) -> list[Fin
         with np.errstate(over="ignore"):
             norm = float(np.linalg.norm(grad))
         if norm > thresholds.exploding_norm:
-            findings.append(
-                Finding(
-                    "exploding_gradient",
-                    "warn",
-                    program.ids[i],
-                    f"the gradient of {program.ids[i]!r} has norm {norm:.3g}, above "
-                    f"{thresholds.exploding_norm:g}; lower the learning rate, clip gradients, "
-                    "or scale the inputs down.",
-                )
-            )
+            findings.append(_exploding(program.ids[i], norm, thresholds))
     return findings
+
+
+def _exploding(node: str, norm: float, thresholds: Thresholds) -> Finding:
+    return Finding(
+        "exploding_gradient",
+        "warn",
+        node,
+        f"the gradient of {node!r} has norm {norm:.3g}, above {thresholds.exploding_norm:g}; "
+        "lower the learning rate, clip gradients, or scale the inputs down.",
+    )

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.errors import EngineError, LimitError
-from engine.graph import Program, Result, check_deadline, forward
+from engine.graph import LeafColumn, Program, Result, check_deadline, forward
 from engine.ops import Array
 
 # (op, the operand whose sign matters) or (op, None): the sign of operand 0 - operand 1.
@@ -237,6 +237,20 @@ def _share(wanted: Sequence[int], budget: int) -> list[int]:
     return given
 
 
+def _moved_leaves(
+    program: Program, leaf: int, element: tuple[int, ...], step: float
+) -> Mapping[int, Array]:
+    """The leaf values with one element moved by `step` (a copy: the program is shared)."""
+    leaves = program.leaf_values
+    if isinstance(leaves, LeafColumn):  # a table: one flat copy, not a dict of every leaf
+        column = leaves.column.copy()
+        column[leaf] += step
+        return LeafColumn(column, leaves.rows)
+    value = leaves[leaf].copy()
+    value[element] += step
+    return {**leaves, leaf: value}
+
+
 def _perturbed_forward(
     program: Program,
     leaf: int,
@@ -244,9 +258,9 @@ def _perturbed_forward(
     step: float,
     deadline: float | None = None,
 ) -> list[Array] | None:
-    value = program.leaf_values[leaf].copy()
-    value[element] += step
-    moved = dataclasses.replace(program, leaf_values={**program.leaf_values, leaf: value})
+    moved = dataclasses.replace(program, leaf_values=_moved_leaves(program, leaf, element, step))
+    # what the program keeps on itself (the batch plan, op rows) does not depend on values
+    moved.__dict__.update({k: v for k, v in program.__dict__.items() if k.startswith("_")})
     try:
         values, _ = forward(moved, deadline=deadline)
     except LimitError:

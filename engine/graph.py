@@ -9,10 +9,11 @@ an op does. Nothing here recurses, so depth is bounded by the node limit, not th
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +49,13 @@ class Limits:
 class Program:
     """Nodes numbered in topological order: op, operand indices, attrs, shapes, leaf values."""
 
-    ids: list[str]
-    ops: list[str]
-    operands: list[tuple[int, ...]]
-    attrs: list[Mapping[str, Any]]
+    ids: Sequence[str]
+    ops: Sequence[str]
+    operands: Sequence[tuple[int, ...]]
+    attrs: Sequence[Mapping[str, Any]]
     shapes: list[Shape]
-    leaf_values: dict[int, Array]
-    locs: list[Loc]
+    leaf_values: Mapping[int, Array]
+    locs: Sequence[Loc]
     output: int
     dtype: np.dtype[Any]
     flops: int
@@ -66,13 +67,95 @@ class Program:
         return self.ops[i] in LEAF_OPS
 
 
+class LeafColumn(Mapping[int, Array]):
+    """The leaf values of a scalar program as one array (`column[i]` for each leaf row i):
+    a columns body hands its values over without a 0-d array per leaf."""
+
+    def __init__(self, column: Array, rows: Array) -> None:
+        self.column = column
+        self.rows = rows  # the leaf rows, ascending
+
+    def __getitem__(self, i: int) -> Array:
+        return np.asarray(self.column[i])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rows.tolist())
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+
+class RowIds(Sequence[str]):
+    """The ids of a table without an `id` column (engine.columns): row i is called "i"."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if type(i) is int and 0 <= i < self.n:  # the common case first: it is called per row
+            return str(i)
+        if isinstance(i, slice):
+            return [str(k) for k in range(self.n)[i]]
+        return str(range(self.n)[i])  # negative rows; IndexError beyond
+
+    def __iter__(self) -> Iterator[str]:
+        return map(str, range(self.n))
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        # "3" is row 3; "03", "+3" and other digits than 0-9 name no row
+        row = int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else -1
+        if str(row) == value and start <= row < (self.n if stop is None else stop):
+            return row
+        raise ValueError(value)
+
+
+class OperandRows(Sequence[tuple[int, ...]]):
+    """Row i's operand rows as a tuple, read off the operand columns on demand (`columns[k]`:
+    every row's k-th operand, -1 for none)."""
+
+    def __init__(self, columns: Array, arity: Array) -> None:
+        self.columns = columns  # (MAX_ARITY or fewer, n)
+        self._arity = arity
+        self._lists: tuple[list[list[int]], list[int]] | None = None
+
+    def __len__(self) -> int:
+        return int(self._arity.size)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(len(self))[i]]
+        if self._lists is None:  # plain ints once: tuples for 100k rows cost ~10 ms
+            self._lists = (self.columns.tolist(), self._arity.tolist())
+        columns, arity = self._lists
+        return tuple(column[i] for column in columns[: arity[i]])
+
+
 @dataclass
 class Result:
-    """Forward values and gradients, indexed like the program. `grads[i]` is None for const."""
+    """Forward values and gradients, indexed like the program. `grads[i]` is None for const.
+    A batched scalar run also keeps them as one array each (`flat_grads` 0 for consts)."""
 
     program: Program
     values: list[Array]
     grads: list[Array | None]
+    flat_values: Array | None = None
+    flat_grads: Array | None = None
+
+
+def op_rows(program: Program) -> dict[str, Array]:
+    """The rows of each op of the program, ascending (kept on it): whole-column questions
+    (which nodes are relus, params, consts) without a Python loop per row."""
+    rows: dict[str, Array] | None = program.__dict__.get("_op_rows")
+    if rows is None:
+        names = list(dict.fromkeys(program.ops))
+        code_of = {name: k for k, name in enumerate(names)}
+        codes = np.fromiter(map(code_of.__getitem__, program.ops), np.intp, len(program))
+        rows = {name: np.flatnonzero(codes == k) for k, name in enumerate(names)}
+        program.__dict__["_op_rows"] = rows
+    return rows
 
 
 def compile_graph(
@@ -96,19 +179,20 @@ def compile_graph(
     order = _topological_order(nodes, operands_by_request)
     position = {old: new for new, old in enumerate(order)}
     ordered = [nodes[k] for k in order]
+    leaf_values: dict[int, Array] = {}  # filled by _infer_shapes
     program = Program(
         ids=[spec.id for spec in ordered],
         ops=[spec.op for spec in ordered],
         operands=[tuple(position[j] for j in operands_by_request[k]) for k in order],
         attrs=[dict(spec.attrs) for spec in ordered],
         shapes=[],
-        leaf_values={},
+        leaf_values=leaf_values,
         locs=[spec.loc for spec in ordered],
         output=position[index[output]],
         dtype=np.dtype(dtype),
         flops=0,
     )
-    _infer_shapes(program, ordered, limits)
+    _infer_shapes(program, ordered, limits, leaf_values)
     return program
 
 
@@ -206,7 +290,9 @@ def _find_cycle(operands: Sequence[tuple[int, ...]], pending: Sequence[int]) -> 
     return [*reversed(cycle), cycle[-1]]
 
 
-def _infer_shapes(program: Program, ordered: Sequence[NodeSpec], limits: Limits) -> None:
+def _infer_shapes(
+    program: Program, ordered: Sequence[NodeSpec], limits: Limits, leaf_values: dict[int, Array]
+) -> None:
     total = 0
     shapes = program.shapes
     # a limit of 0 is no limit: compare against infinity and skip the per-node call
@@ -217,7 +303,7 @@ def _infer_shapes(program: Program, ordered: Sequence[NodeSpec], limits: Limits)
         if program.is_leaf(i):
             assert spec.value is not None
             value = np.asarray(spec.value, dtype=program.dtype)
-            program.leaf_values[i] = value
+            leaf_values[i] = value
             shape: Shape = value.shape
         else:
             op = OPS[spec.op]
@@ -367,6 +453,8 @@ def run(
 ) -> Result:
     values, caches = forward(program, deadline=deadline)
     grads = backward(program, caches, output_grad, deadline=deadline)
+    if isinstance(caches, _BatchedCaches):
+        return Result(program, values, grads, caches.values, caches.grads)
     return Result(program, values, grads)
 
 
@@ -407,6 +495,8 @@ class _BatchedCaches:
 
     plan: _Plan
     caches: list[list[Any]]  # [level][group]
+    values: Array  # the flat value buffer
+    grads: Array | None = None  # the flat gradient buffer, once backward ran
 
 
 _NOT_BATCHABLE = _Plan([], np.empty(0, np.intp), [])
@@ -423,69 +513,147 @@ def batch_plan(program: Program) -> _Plan | None:
 
 def _build_plan(program: Program) -> _Plan | None:
     n = len(program)
-    if n < BATCH_MIN_NODES or any(shape != () for shape in program.shapes):
+    if n < BATCH_MIN_NODES or any(program.shapes):  # a shape () is falsy: all scalars
         return None
-    kinds: dict[tuple[str, tuple[tuple[str, Any], ...]], int] = {}
+    kinds = _op_kinds(program)
+    if kinds is None:
+        return None
+    codes, names = kinds
+    first = np.array([ins[0] if ins else -1 for ins in program.operands], np.intp)
+    second = np.array([ins[1] if len(ins) > 1 else -1 for ins in program.operands], np.intp)
+    consts = [i for i, op in enumerate(program.ops) if op == "const"]
+    return plan_columns(codes, names, (first, second), program.output, consts)
+
+
+def _op_kinds(program: Program) -> tuple[Array, list[tuple[str, Mapping[str, Any]]]] | None:
+    """A code per node for its (op, attrs) (-1: leaf), and the (op, attrs) of each code, in
+    order of first appearance (the order groups run within a level). None when an op is not
+    elementwise. Without attrs anywhere (the usual case) a node's kind is its op."""
+    ops = program.ops
+    distinct = dict.fromkeys(ops)
+    if any(op not in LEAF_OPS and not OPS[op].elementwise for op in distinct):
+        return None
+    keys: Sequence[Any] = ops
+    if any(program.attrs):  # leaky_relu's alpha: one kind per (op, attrs)
+        keys = [
+            (op, tuple(sorted(attrs.items()))) if attrs else op
+            for op, attrs in zip(ops, program.attrs, strict=True)
+        ]
+        distinct = dict.fromkeys(keys)
     names: list[tuple[str, Mapping[str, Any]]] = []
-    level = [0] * n
-    code = [-1] * n
-    first = [-1] * n
-    second = [-1] * n
-    for i, ins in enumerate(program.operands):
-        if not ins:
-            continue
-        op = program.ops[i]
-        if not OPS[op].elementwise:
-            return None
-        attrs = program.attrs[i]
-        key = (op, tuple(sorted(attrs.items())) if attrs else ())
-        kind = kinds.get(key)
-        if kind is None:
-            kind = kinds[key] = len(names)
+    code_of: dict[Any, int] = {}
+    for key in distinct:
+        attrs: Mapping[str, Any] = {} if isinstance(key, str) else dict(key[1])
+        op = key if isinstance(key, str) else key[0]
+        if op in LEAF_OPS:
+            code_of[key] = -1
+        else:
+            code_of[key] = len(names)
             names.append((op, attrs))
-        code[i] = kind
-        a = level[ins[0]]
-        first[i] = ins[0]
-        if len(ins) == 2:
-            b = level[ins[1]]
-            second[i] = ins[1]
-            a = a if a > b else b
-        level[i] = a + 1
-    reach = bytearray(n)
-    reach[program.output] = 1
-    for i in range(program.output, -1, -1):
-        if reach[i]:
-            for j in program.operands[i]:
-                reach[j] = 1
-    reached = np.frombuffer(bytes(reach), dtype=np.uint8).astype(bool)
-    codes = np.array(code, np.intp)
-    levels = np.array(level, np.intp)
-    operand_columns = (np.array(first, np.intp), np.array(second, np.intp))
+    return np.array([code_of[key] for key in keys], np.intp), names
+
+
+def plan_columns(
+    codes: Array,
+    names: Sequence[tuple[str, Mapping[str, Any]]],
+    operands: tuple[Array, Array],
+    output: int,
+    consts: list[int],
+) -> _Plan:
+    """The level groups of a scalar program given as columns: `codes[i]` indexes `names`
+    (-1: leaf), `operands` the first and second operand of each node (-1: none)."""
+    n = codes.size
     inner = np.flatnonzero(codes >= 0)
+    levels = _levels(inner, operands, n)
     order = inner[np.lexsort((codes[inner], levels[inner]))]  # stable: index order inside
     key_of = levels[order] * (len(names) + 1) + codes[order]
-    starts = np.flatnonzero(np.diff(key_of)) + 1
-    plan = _Plan([], np.flatnonzero(codes < 0), [i for i in range(n) if program.ops[i] == "const"])
-    current = -1
-    for out in np.split(order, starts) if order.size else []:
-        op_name, attrs = names[codes[out[0]]]
-        arity = OPS[op_name].arity
-        operands = tuple(operand_columns[k][out] for k in range(arity))
-        live = reached[out]
-        group = _Group(
-            op_name,
-            attrs,
-            out,
-            operands,
-            tuple(np.unique(idx).size == idx.size for idx in operands),
-            None if live.all() else live,
-            bool(live.any()),
+    starts = np.flatnonzero(np.diff(key_of)) + 1 if order.size else np.empty(0, np.intp)
+    first_of_group = np.concatenate(([0], starts)).astype(np.intp) if order.size else starts
+    bounds = [*first_of_group.tolist(), order.size]
+    group_of = np.zeros(order.size, np.intp)
+    group_of[starts] = 1
+    group_of = np.cumsum(group_of)
+    columns = [column[order] for column in operands]  # operand indices in plan order
+    live = _reached(order, levels[order], columns, output, n)[order]
+    all_live, any_live = (
+        (
+            np.logical_and.reduceat(live, first_of_group),
+            np.logical_or.reduceat(live, first_of_group),
         )
-        if levels[out[0]] != current:
-            current = int(levels[out[0]])
+        if order.size
+        else (live, live)
+    )
+    distinct = [_distinct_per_group(group_of, column, n).tolist() for column in columns]
+    group_codes = codes[order[first_of_group]].tolist()
+    group_levels = levels[order[first_of_group]].tolist()
+    arities = [OPS[op].arity for op, _ in names]
+    plan = _Plan([], np.flatnonzero(codes < 0), consts)
+    current = -1
+    for g, (code, level, all_reach, any_reach) in enumerate(
+        zip(group_codes, group_levels, all_live.tolist(), any_live.tolist(), strict=True)
+    ):
+        start, stop = bounds[g], bounds[g + 1]
+        op_name, attrs = names[code]
+        arity = arities[code]
+        if level != current:
+            current = level
             plan.levels.append([])
-        plan.levels[-1].append(group)
+        plan.levels[-1].append(
+            _Group(
+                op_name,
+                attrs,
+                order[start:stop],
+                tuple(column[start:stop] for column in columns[:arity]),
+                tuple(d[g] for d in distinct[:arity]),
+                None if all_reach else live[start:stop],
+                any_reach,
+            )
+        )
     return plan
+
+
+def _levels(inner: Array, operands: tuple[Array, Array], n: int) -> Array:
+    """1 + the deepest operand's level (leaves: 0), in index (topological) order. A Python
+    loop over plain ints: each level depends on the ones before it."""
+    level = [0] * (n + 1)  # operand -1 (none) reads the sentinel level[n] = 0
+    first, second = (column[inner].tolist() for column in operands)
+    for i, a, b in zip(inner.tolist(), first, second, strict=True):
+        x, y = level[a], level[b]
+        level[i] = (x if x > y else y) + 1
+    return np.array(level[:n], np.intp)
+
+
+def _reached(order: Array, levels: Array, columns: Sequence[Array], output: int, n: int) -> Array:
+    """Which nodes have a path to the output, from the op nodes in level `order` (with their
+    `levels` and operand `columns`). When the output is the only op node no other node uses,
+    every op node reaches it (each has a path to some unused node); else one pass per level,
+    from the top, marks the operands of reached nodes."""
+    reach = np.zeros(n + 1, bool)  # slot n takes the -1 (no operand) marks
+    for column in columns:
+        reach[column] = True
+    unused = order[~reach[order]]
+    reach[:] = False
+    if unused.size == 1 and unused[0] == output:
+        reach[order] = True
+        return reach[:n]
+    reach[output] = True
+    bounds = np.flatnonzero(np.diff(levels)) + 1
+    for start, stop in reversed(list(itertools.pairwise([0, *bounds.tolist(), order.size]))):
+        hit = reach[order[start:stop]]
+        if hit.any():
+            for column in columns:
+                reach[column[start:stop][hit]] = True
+    return reach[:n]
+
+
+def _distinct_per_group(group_of: Array, column: Array, n: int) -> Array:
+    """Per group: True when no operand index repeats in this column (so `+=` is exact)."""
+    groups = int(group_of[-1]) + 1 if group_of.size else 0
+    key = np.sort(group_of * (n + 1) + (column + 1))  # column + 1 in [0, n]: no overlap
+    repeated = key[1:] == key[:-1]
+    distinct = np.ones(groups, bool)
+    distinct[key[1:][repeated] // (n + 1)] = False
+    return distinct
 
 
 def _forward_batched(
@@ -493,9 +661,12 @@ def _forward_batched(
 ) -> tuple[list[Array], _BatchedCaches]:
     buf = np.empty(len(program), program.dtype)
     leaf_values = program.leaf_values
-    buf[plan.leaves] = np.fromiter(
-        (leaf_values[i] for i in plan.leaves.tolist()), program.dtype, count=plan.leaves.size
-    )
+    if isinstance(leaf_values, LeafColumn):
+        buf[plan.leaves] = leaf_values.column[plan.leaves]
+    else:
+        buf[plan.leaves] = np.fromiter(
+            (leaf_values[i] for i in plan.leaves.tolist()), program.dtype, count=plan.leaves.size
+        )
     caches: list[list[Any]] = []
     with np.errstate(all="ignore"):
         for groups in plan.levels:
@@ -508,7 +679,7 @@ def _forward_batched(
                 level_caches.append(cache)
             caches.append(level_caches)
     values: list[Array] = list(buf)  # NumPy scalars: 0-d arrays to every reader
-    return values, _BatchedCaches(plan, caches)
+    return values, _BatchedCaches(plan, caches, buf)
 
 
 def _backward_batched(
@@ -533,6 +704,9 @@ def _backward_batched(
                         grad[idx] += d
                     else:
                         np.add.at(grad, idx, d)
+    if plan.consts:
+        grad[plan.consts] = 0.0  # seeded when a const is the output; it has no gradient
+    batched.grads = grad
     grads: list[Array | None] = list(grad)
     for i in plan.consts:
         grads[i] = None

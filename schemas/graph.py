@@ -17,8 +17,9 @@ UNARY_OPS = (
 BINARY_OPS = ("add", "sub", "mul", "div", "pow", "max", "min", "matmul")
 LOSS_OPS = ("mse", "softmax_cross_entropy", "svm_hinge")
 REDUCE_OPS = ("sum", "mean")
+TERNARY_OPS = ("affine",)
 OTHER_OPS = ("leaky_relu", "transpose")
-ALL_OPS = LEAF_OPS + UNARY_OPS + BINARY_OPS + LOSS_OPS + REDUCE_OPS + OTHER_OPS
+ALL_OPS = LEAF_OPS + UNARY_OPS + BINARY_OPS + TERNARY_OPS + LOSS_OPS + REDUCE_OPS + OTHER_OPS
 
 Axis = int | list[int]
 
@@ -43,6 +44,14 @@ class BinaryNode(WireModel):
     id: NodeId
     op: Literal[BINARY_OPS]  # type: ignore[valid-type]
     inputs: Annotated[list[NodeId], Field(min_length=2, max_length=2)]
+
+
+class AffineNode(WireModel):
+    """x (N, D) @ W (D, M) + b (M,): a fully-connected layer as one node (CS231n's affine)."""
+
+    id: NodeId
+    op: Literal[TERNARY_OPS]  # type: ignore[valid-type]
+    inputs: Annotated[list[NodeId], Field(min_length=3, max_length=3)]
 
 
 class LossNode(WireModel):
@@ -90,7 +99,14 @@ class TransposeNode(WireModel):
 
 
 Node = Annotated[
-    LeafNode | UnaryNode | BinaryNode | LossNode | ReduceNode | LeakyReluNode | TransposeNode,
+    LeafNode
+    | UnaryNode
+    | BinaryNode
+    | AffineNode
+    | LossNode
+    | ReduceNode
+    | LeakyReluNode
+    | TransposeNode,
     Field(discriminator="op"),
 ]
 
@@ -117,6 +133,15 @@ Gradcheck = Annotated[
 ]
 
 
+Layout = Annotated[
+    Literal["nodes", "columns"],
+    Field(
+        description="the answer's form: `nodes` (an object per node id) or `columns` "
+        "(`columns.value`/`columns.grad` lists, row i for node i)"
+    ),
+]
+
+
 class GraphRequest(WireModel):
     """A computational graph. Nodes may come in any order; the graph must be acyclic."""
 
@@ -128,6 +153,7 @@ class GraphRequest(WireModel):
     gradcheck: Gradcheck = False
     thresholds: Thresholds = Thresholds()
     explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
+    report: Layout = "nodes"
 
 
 class ExpressionRequest(WireModel):
@@ -146,27 +172,85 @@ class ExpressionRequest(WireModel):
     gradcheck: Gradcheck = False
     thresholds: Thresholds = Thresholds()
     explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
+    report: Layout = "nodes"
 
 
-BODY_TAGS = ("graph", "expression")
+class ColumnAttrs(WireModel):
+    """An op's settings on a columns row: the same names as the nodes form's `attrs`."""
+
+    alpha: float | None = Field(None, description="leaky_relu: the slope for x <= 0")
+    axis: Axis | None = Field(None, description="sum, mean: the axes to reduce")
+    keepdims: bool | None = None
+    axes: list[int] | None = Field(None, description="transpose: a permutation of the axes")
+
+
+class GraphColumns(WireModel):
+    """A scalar graph as a table: row i of every column is node i. Rows are in topological
+    order (every operand's row is smaller than its user's), as a micrograd-style `build_topo`
+    writes them; every leaf value is one number."""
+
+    op: Annotated[list[Literal[ALL_OPS]], Field(min_length=1)]  # type: ignore[valid-type]
+    inputs: list[list[int]] = Field(
+        default_factory=list,
+        max_length=3,
+        description="one list per operand position, each as long as `op`: inputs[k][i] is the "
+        "row of node i's k-th operand, -1 where node i has fewer (leaves: -1 everywhere)",
+    )
+    value: list[Number | None] = Field(
+        description="each leaf row's number (input, param, const); null on op rows"
+    )
+    id: list[NodeId] | None = Field(
+        None, description='the node ids (default: the row numbers as strings, "0", "1", ...)'
+    )
+    attrs: list[ColumnAttrs | None] | None = Field(
+        None, description="each row's op settings, or null (default: none anywhere)"
+    )
+
+
+class ColumnsRequest(WireModel):
+    """The table body for big scalar graphs: columns in, columns out (see docs/api.md)."""
+
+    columns: GraphColumns
+    output: Annotated[int, Field(ge=0)] | NodeId | None = Field(
+        None, description="the output node: a row number or an id (default: the last row)"
+    )
+    output_grad: Number | None = Field(
+        None, description="upstream gradient at the output (default: 1)"
+    )
+    gradcheck: Gradcheck = False
+    thresholds: Thresholds = Thresholds()
+    explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
+    report: Layout = "columns"
+
+
+BODY_TAGS = ("graph", "expression", "columns")
 
 
 def body_kind(body: Any) -> str:
-    """A body with an "expression" key is an expression; anything else is a graph."""
+    """A body with an "expression" key is an expression, one with "columns" a table;
+    anything else is a graph (`nodes`)."""
     if isinstance(body, dict):
-        return "expression" if "expression" in body else "graph"
-    return "expression" if isinstance(body, ExpressionRequest) else "graph"
+        for tag in ("expression", "columns"):
+            if tag in body:
+                return tag
+        return "graph"
+    if isinstance(body, ExpressionRequest):
+        return "expression"
+    return "columns" if isinstance(body, ColumnsRequest) else "graph"
 
 
 class GraphBody(
     RootModel[
         Annotated[
-            Annotated[GraphRequest, Tag("graph")] | Annotated[ExpressionRequest, Tag("expression")],
+            Annotated[GraphRequest, Tag("graph")]
+            | Annotated[ExpressionRequest, Tag("expression")]
+            | Annotated[ColumnsRequest, Tag("columns")],
             Discriminator(body_kind),
         ]
     ]
 ):
-    """POST /v1/graph: a graph (`nodes`) or an expression (`expression`)."""
+    """POST /v1/graph: a graph (`nodes`), an expression (`expression`) or a table
+    (`columns`)."""
 
 
 # --- response --------------------------------------------------------------------------
@@ -269,9 +353,26 @@ class Explanation(BaseModel):
     leaves: list[LeafExplanation] = Field(description="input and param leaves, by |gradient|")
 
 
+class ColumnsReport(BaseModel):
+    """Every node as columns (`report: "columns"`), row i for node i: a columns body's own
+    rows; otherwise the topological order, with `id`."""
+
+    id: list[str] | None = Field(
+        None, description="the node ids (absent for a columns body without an `id` column)"
+    )
+    shape: list[list[int]] | None = Field(None, description="only when a node is a tensor")
+    value: list[Tensor]
+    grad: list[Tensor | None] = Field(description="d(output)/d(node); null for const rows")
+
+
 class GraphResponse(BaseModel):
     output: OutputReport
-    nodes: dict[str, NodeReport] = Field(description="every node, in topological order")
+    nodes: dict[str, NodeReport] | None = Field(
+        None, description='every node, in topological order (`report: "nodes"`, the default)'
+    )
+    columns: ColumnsReport | None = Field(
+        None, description='every node as columns (`report: "columns"`; a columns body\'s default)'
+    )
     parameters: Parameters
     diagnostics: Diagnostics
     health: Health

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from flask import current_app, g, request
 from pydantic import BaseModel, ValidationError
@@ -54,8 +54,18 @@ def _too_large(limit: int) -> ProblemError:
     )
 
 
-def parse_body(model: type[Model]) -> Model:
+def parse_body(model: type[Model], *, first: tuple[bytes, type[BaseModel]] | None = None) -> Any:
+    """The body validated as `model`. `first` = (key, a branch of model): a body whose bytes
+    hold that key is tried as that branch first, straight from the JSON. For a union with a
+    callable discriminator (GraphBody) Pydantic builds the whole body as Python objects
+    before it validates; a 100k-row table costs ~15 ms more that way. A failure goes through
+    `model` for its errors, so the answer is the same either way."""
     body = read_json_body()
+    if first is not None and first[0] in body:
+        try:
+            return first[1].model_validate_json(body)
+        except ValidationError:
+            pass
     try:
         return model.model_validate_json(body)
     except ValidationError as err:

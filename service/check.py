@@ -41,7 +41,12 @@ ENDPOINTS: dict[Kind, str] = {
     "network": "/v1/network",
 }
 # the key that tells a body's kind (exactly one of them must be present)
-KIND_KEYS: dict[str, Kind] = {"nodes": "graph", "expression": "expression", "layers": "network"}
+KIND_KEYS: dict[str, Kind] = {
+    "nodes": "graph",
+    "columns": "graph",
+    "expression": "expression",
+    "layers": "network",
+}
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_INPUT, EXIT_SERVICE = 0, 1, 2, 3
 FORMATS = ("text", "json", "junit", "github")
@@ -227,8 +232,8 @@ def load(path: str, options: Options, stdin: Callable[[], bytes]) -> Loaded:
     if len(keys) != 1:
         found = " and ".join(f'"{k}"' for k in keys) or "none of them"
         raise InputError(
-            f'{path}: cannot tell the kind: expected exactly one of "nodes" (graph), '
-            f'"expression" or "layers" (network); found {found}'
+            f'{path}: cannot tell the kind: expected exactly one of "nodes" or "columns" '
+            f'(graph), "expression" or "layers" (network); found {found}'
         )
     own = doc.get("thresholds", {})
     if not (options.config_thresholds or options.flag_thresholds) or not isinstance(own, dict):
@@ -383,6 +388,12 @@ def summary_line(results: Sequence[FileResult]) -> str:
     return f"gradiag check: {c['files']} {noun}: {', '.join(parts)}; exit {exit_code_of(results)}"
 
 
+def node_count(g: GraphResponse) -> int:
+    if g.columns is not None:
+        return len(g.columns.value)
+    return len(g.nodes or {})
+
+
 def headline(r: FileResult) -> str:
     label = LABELS[r.status].ljust(5)
     if isinstance(r.model, NetworkResponse):
@@ -396,7 +407,7 @@ def headline(r: FileResult) -> str:
         what = (
             f"{r.kind}: output {short(g.output.id)!r} = "
             f"{num_or_shape(g.output.value, g.output.shape)}, "
-            f"{len(g.nodes)} nodes, {g.parameters.total} parameters"
+            f"{node_count(g)} nodes, {g.parameters.total} parameters"
         )
     else:
         err = r.error or {}

@@ -14,7 +14,7 @@ from typing_extensions import TypeAliasType
 from werkzeug.exceptions import HTTPException
 
 from engine import EngineError, LimitError
-from schemas.graph import ALL_OPS, BODY_TAGS, ExpressionRequest, GraphRequest
+from schemas.graph import ALL_OPS, BODY_TAGS, ColumnsRequest, ExpressionRequest, GraphRequest
 from schemas.network import NetworkRequest
 
 log = logging.getLogger("gradiag")
@@ -149,7 +149,10 @@ def _union_branches(*roots: type[BaseModel]) -> frozenset[tuple[str, str]]:
     return frozenset(pairs)
 
 
-UNION_BRANCHES = _union_branches(GraphRequest, ExpressionRequest, NetworkRequest)
+# Pydantic's names for the scalar branches of a union (`Number`, `int | NodeId`)
+SCALAR_BRANCHES = frozenset(("float", "int", "str", "constrained-int", "constrained-str"))
+SCALARS = frozenset(("output", "output_grad"))  # fields that are such a union
+UNION_BRANCHES = _union_branches(GraphRequest, ExpressionRequest, ColumnsRequest, NetworkRequest)
 
 
 def clean_loc(loc: Iterable[Any], *, tag_field: str | None = None) -> tuple[Any, ...]:
@@ -170,6 +173,8 @@ def clean_loc(loc: Iterable[Any], *, tag_field: str | None = None) -> tuple[Any,
             continue
         if out and isinstance(out[-1], str) and (out[-1], part) in UNION_BRANCHES:
             continue
+        if part in SCALAR_BRANCHES and out and (isinstance(out[-1], int) or out[-1] in SCALARS):
+            continue  # a union of scalars in a list (columns.value) or in a field
         is_tag = (
             len(out) >= 2 and out[-2] == "nodes" and isinstance(out[-1], int) and part in ALL_OPS
         )

@@ -1,10 +1,12 @@
-"""The front ends of POST /v1/graph: a validated wire body becomes the engine's `NodeSpec`s
-(graph JSON node by node, an expression through `engine.expression`), and `diagnose` runs
-it: forward, backward, diagnostics, and the gradient check when asked."""
+"""The front ends of POST /v1/graph: a validated wire body becomes an engine program (graph
+JSON node by node through `NodeSpec`s, an expression through `engine.expression`, a table
+through `engine.columns`), and `diagnose` runs it: forward, backward, diagnostics, and the
+gradient check when asked."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 from engine import (
     GraphDiagnostics,
@@ -17,11 +19,12 @@ from engine import (
     graph_diagnostics,
     run,
 )
+from engine.columns import compile_columns
 from engine.expression import parse_expression
 from engine.gradcheck import GradcheckOptions, GradcheckResult, evaluation_budget, gradcheck
 from engine.tensors import to_array
 from schemas.common import Thresholds as WireThresholds
-from schemas.graph import ExpressionRequest, GraphRequest, LeafNode
+from schemas.graph import ColumnsRequest, ExpressionRequest, GraphRequest, LeafNode, Node
 from schemas.graph import GradcheckOptions as WireGradcheckOptions
 from service.config import Settings
 
@@ -36,6 +39,11 @@ def engine_limits(settings: Settings) -> Limits:
     )
 
 
+NODES_WITH_ATTRS = frozenset(
+    cls for cls in get_args(get_args(Node)[0]) if "attrs" in cls.model_fields
+)
+
+
 def graph_nodes(request: GraphRequest) -> list[NodeSpec]:
     specs = []
     for k, node in enumerate(request.nodes):
@@ -44,8 +52,8 @@ def graph_nodes(request: GraphRequest) -> list[NodeSpec]:
             value = to_array(node.value, (*loc, "value"), node=node.id)
             specs.append(NodeSpec(node.id, node.op, value=value, loc=loc))
         else:
-            # `in model_fields`, not hasattr: a missing attribute costs Pydantic an exception
-            has_attrs = "attrs" in type(node).model_fields
+            # a class lookup, not hasattr: a missing attribute costs Pydantic an exception
+            has_attrs = type(node) in NODES_WITH_ATTRS
             attrs = node.attrs.model_dump(exclude_defaults=True) if has_attrs else {}
             specs.append(NodeSpec(node.id, node.op, tuple(node.inputs), attrs, loc=loc))
     return specs
@@ -68,12 +76,28 @@ class Diagnosed:
     explain: bool
 
 
-def body_program(
-    body: GraphRequest | ExpressionRequest, limits: Limits, *, max_expression_chars: int
-) -> Program:
-    """Either front end, then `compile_graph`: the graph's nodes, or the parsed expression."""
+GraphBodies = GraphRequest | ExpressionRequest | ColumnsRequest
+
+
+def body_program(body: GraphBodies, limits: Limits, *, max_expression_chars: int) -> Program:
+    """The body's front end: the graph's nodes or the parsed expression through
+    `compile_graph`, or the table through `compile_columns`."""
     if isinstance(body, GraphRequest):
         return compile_graph(graph_nodes(body), body.output, limits=limits)
+    if isinstance(body, ColumnsRequest):
+        table = body.columns
+        attrs = None
+        if table.attrs is not None:
+            attrs = [None if a is None else a.model_dump(exclude_none=True) for a in table.attrs]
+        return compile_columns(
+            table.op,
+            table.inputs,
+            table.value,
+            output=body.output,
+            ids=table.id,
+            attrs=attrs,
+            limits=limits,
+        )
     values = {
         name: to_array(value, ("values", name), node=name) for name, value in body.values.items()
     }
@@ -87,7 +111,7 @@ def body_program(
 
 
 def diagnose(
-    body: GraphRequest | ExpressionRequest,
+    body: GraphBodies,
     limits: Limits,
     *,
     max_expression_chars: int,

@@ -11,6 +11,7 @@ from engine import OPS, GraphDiagnostics, Result
 from engine.diagnostics import Finding, GateStats
 from engine.explain import explain_leaves, local_grads
 from engine.gradcheck import GradcheckResult
+from engine.graph import op_rows
 from engine.tensors import to_wire
 
 
@@ -27,8 +28,8 @@ def health(findings: list[Finding], status: str) -> dict[str, Any]:
 def node_reports(result: Result) -> dict[str, dict[str, Any]]:
     program = result.program
     local = local_grads(result)
-    values = _scalars_wire(result.values, program.shapes)
-    grads = _scalars_wire(result.grads, program.shapes)
+    values = _scalars_wire(result.values, program.shapes, result.flat_values)
+    grads = _scalars_wire(result.grads, program.shapes, result.flat_grads)
     roles = {op: OPS[op].role if op in OPS else "leaf" for op in set(program.ops)}
     ids = program.ids
     nodes: dict[str, dict[str, Any]] = {}
@@ -51,15 +52,43 @@ def node_reports(result: Result) -> dict[str, dict[str, Any]]:
     return nodes
 
 
-def _scalars_wire(arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]]) -> list[Any] | None:
-    """Scalar graphs: every value as a float in one NumPy call, non-finite ones as their
-    strings (a const's missing gradient is a NaN nobody reads). None when a node is a tensor:
-    then `to_wire` each."""
-    if any(shape != () for shape in shapes):
-        return None
-    flat = np.array([np.nan if a is None else a for a in arrays], dtype=np.float64)
+def columns_report(result: Result, *, ids: bool) -> dict[str, Any]:
+    """Every node as columns, row i for node i in the program's order (a columns body's own
+    row order): `value`, `grad` (null for consts), `id` when asked, `shape` when a node is a
+    tensor. A 100k-node scalar graph is two lists of floats, not 100k objects."""
+    program = result.program
+    values = _scalars_wire(result.values, program.shapes, result.flat_values)
+    grads = _scalars_wire(result.grads, program.shapes, result.flat_grads)
+    report: dict[str, Any] = {}
+    if ids:
+        report["id"] = list(program.ids)
+    if values is None or grads is None:  # tensors: one nested list per node
+        report["shape"] = [list(shape) for shape in program.shapes]
+        values = [to_wire(v) for v in result.values]
+        grads = [None if g is None else to_wire(g) for g in result.grads]
+    for i in op_rows(program).get("const", ()):
+        grads[i] = None
+    report["value"] = values
+    report["grad"] = grads
+    return report
+
+
+def _scalars_wire(
+    arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]], flat: np.ndarray | None = None
+) -> list[Any] | None:
+    """Scalar graphs: every value as a float in one NumPy call (from the run's `flat` array
+    when it kept one), non-finite ones as their strings (a const's missing gradient is a NaN
+    nobody reads). None when a node is a tensor: then `to_wire` each."""
+    if flat is None:
+        if any(shapes):  # a shape () is falsy: all scalars
+            return None
+        flat = np.array([np.nan if a is None else a for a in arrays], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size > 64:  # many: NumPy puts the strings in (a const's NaN stays unused)
+        wired: list[Any] = to_wire(flat)
+        return wired
     wire: list[Any] = flat.tolist()
-    for i in np.flatnonzero(~np.isfinite(flat)).tolist():  # None stays unused (no "grad")
+    for i in bad.tolist():
         wire[i] = to_wire(wire[i])
     return wire
 
@@ -70,7 +99,10 @@ def graph_report(
     *,
     gradcheck: GradcheckResult | None = None,
     explain: bool = False,
+    layout: str = "nodes",
+    column_ids: bool = True,
 ) -> dict[str, Any]:
+    """The /v1/graph answer; `layout` "columns" puts `columns` where `nodes` would be."""
     program = result.program
     out = program.output
     relu, sigmoid, tanh = diagnostics.relu, diagnostics.sigmoid, diagnostics.tanh
@@ -80,7 +112,11 @@ def graph_report(
             "value": to_wire(result.values[out]),
             "shape": list(program.shapes[out]),
         },
-        "nodes": node_reports(result),
+        **(
+            {"columns": columns_report(result, ids=column_ids)}
+            if layout == "columns"
+            else {"nodes": node_reports(result)}
+        ),
         "parameters": {
             "tensors": diagnostics.parameter_tensors,
             "total": diagnostics.parameter_total,

@@ -19,7 +19,7 @@ from engine import (
     compile_graph,
     run,
 )
-from schemas.graph import GraphBody
+from schemas.graph import ColumnsRequest, GraphBody
 from service.body import parse_body
 from service.errors import engine_problem
 from service.frontend import diagnose, engine_limits
@@ -40,10 +40,12 @@ def svg_response(svg: str) -> Response:
     return Response(svg, mimetype="image/svg+xml")
 
 
-def graph_report_of_request() -> dict[str, Any]:
-    """The /v1/graph report of this request's body, for the JSON and the SVG views alike.
-    A graph (`nodes`) or an expression (`expression`); service.frontend tells them apart."""
-    body = parse_body(GraphBody).root
+def graph_report_of_request(*, layout: str | None = None) -> dict[str, Any]:
+    """The /v1/graph report of this request's body, for the JSON and the SVG views alike
+    (`layout` overrides the body's `report`: the picture needs `nodes`). A graph (`nodes`),
+    an expression (`expression`) or a table (`columns`); service.frontend tells them apart."""
+    parsed = parse_body(GraphBody, first=(b'"columns"', ColumnsRequest))
+    body = parsed.root if isinstance(parsed, GraphBody) else parsed
     settings = current_app.config["GRADIAG"]
     try:
         done = diagnose(
@@ -56,7 +58,12 @@ def graph_report_of_request() -> dict[str, Any]:
         raise engine_problem(err) from None
     g.report_summary = ReportSummary.of_graph(len(done.result.program.ids), done.diagnostics)
     return graph_report(
-        done.result, done.diagnostics, gradcheck=done.gradcheck, explain=done.explain
+        done.result,
+        done.diagnostics,
+        gradcheck=done.gradcheck,
+        explain=done.explain,
+        layout=layout or body.report,
+        column_ids=not isinstance(body, ColumnsRequest) or body.columns.id is not None,
     )
 
 
@@ -84,7 +91,7 @@ def post_graph() -> Response:
 def post_graph_svg() -> Response:
     """The same body and errors as POST /v1/graph; the answer is the picture."""
     with paused_gc():
-        return svg_response(graph_svg(graph_report_of_request()))
+        return svg_response(graph_svg(graph_report_of_request(layout="nodes")))
 
 
 @api.post("/v1/network")

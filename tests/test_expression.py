@@ -345,7 +345,7 @@ def test_graph_body_still_works_and_gets_roles(client: FlaskClient) -> None:
     assert status == 422 and problem["errors"][0]["loc"] == ["nodes"]
 
 
-def test_openapi_request_body_is_either_body(client: FlaskClient) -> None:
+def test_openapi_request_body_is_one_of_the_bodies(client: FlaskClient) -> None:
     document = client.get("/openapi.json").get_json()
     schema = document["paths"]["/v1/graph"]["post"]["requestBody"]["content"]
     assert schema["application/json"]["schema"]["$ref"] == "#/components/schemas/GraphBody"
@@ -353,4 +353,5 @@ def test_openapi_request_body_is_either_body(client: FlaskClient) -> None:
     assert {b["$ref"].rsplit("/", 1)[1] for b in branches} == {
         "GraphRequest",
         "ExpressionRequest",
+        "ColumnsRequest",
     }
