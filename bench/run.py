@@ -103,7 +103,7 @@ def bench_network(dtype: str, reps: int, matmul_gflops: float) -> dict[str, Any]
     import torch
 
     from engine import Limits, compile_graph, run
-    from engine.network import lower, network_diagnostics
+    from engine.network import lower, network_diagnostics, unread_gradients
     from schemas.network import NetworkRequest
     from service.frontend import engine_thresholds
     from service.network import network_spec
@@ -113,8 +113,12 @@ def bench_network(dtype: str, reps: int, matmul_gflops: float) -> dict[str, Any]
     nodes, output = lower(spec)  # weights and batch drawn once, outside the timing
     thresholds = engine_thresholds(request.thresholds)
 
+    no_grad = unread_gradients(gradients=False)  # as the service: X's gradient is not asked
+
     def gradiag() -> None:
-        program = compile_graph(nodes, output, limits=Limits(), dtype=np.dtype(dtype))
+        program = compile_graph(
+            nodes, output, limits=Limits(), dtype=np.dtype(dtype), no_grad=no_grad
+        )
         result = run(program)
         network_diagnostics(result, spec, thresholds)
 
@@ -533,6 +537,10 @@ def main() -> None:
     reps = args.reps or (3 if args.quick else 7)
     import torch
 
+    from service.memory import retain_freed_memory
+
+    # as every gunicorn worker does (service/gunicorn_conf.py); PyTorch shares the malloc
+    retain_freed_memory()
     threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
     results: dict[str, Any] = {"machine": machine(), "reps": reps}

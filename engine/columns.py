@@ -27,7 +27,7 @@ from engine.graph import (
     OperandRows,
     Program,
     RowIds,
-    _op_kinds,
+    op_kinds,
     plan_columns,
 )
 from engine.ops import LEAF_OPS, OPS, Array, Shape
@@ -307,7 +307,7 @@ def _attach_plan(program: Program, table: _OpColumn, operands: Array, *, has_att
     if len(program) < BATCH_MIN_NODES:
         return
     if has_attrs:  # one group kind per (op, attrs): engine.graph's own reading
-        kinds = _op_kinds(program)
+        kinds = op_kinds(program)
     else:  # the group kinds are the ops, in order of first appearance
         inner = [name for name in table.names if name not in LEAF_OPS]
         batchable = all(OPS[name].elementwise for name in inner)

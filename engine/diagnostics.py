@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.graph import OperandRows, Program, Result, RowIds, op_rows
-from engine.ops import Array
+from engine.ops import Array, all_finite
 
 SEVERITY_RANK = {"ok": 0, "warn": 1, "fail": 2}
 
@@ -91,11 +91,47 @@ def is_saturated(activation: Array, kind: str, eps: float) -> Array:
 
 
 def is_finite(x: Array | None) -> bool:
-    if x is None:
-        return True
-    if x.ndim == 0:  # scalar graphs have one node per number: skip NumPy's per-call overhead
-        return math.isfinite(float(x))
-    return bool(np.all(np.isfinite(x)))
+    """No NaN or infinity (None, a const's gradient, is finite). One read, no bool array."""
+    return x is None or all_finite(x)
+
+
+# Elements cast to float64 at a time by the reductions below: a 64 KiB buffer, in cache and
+# under glibc's mmap threshold (a bigger one measured slower: page faults on every call).
+CHUNK = 1 << 13
+
+
+def sum_of_squares(x: Array) -> float:
+    """sum(x**2) accumulated in float64 (in float32 it overflows once |x| ~ 1e19) without a
+    float64 copy of x: a float64 x in one BLAS dot, any other dtype a chunk at a time. NaN
+    or inf whenever an element is, so a finite result also says that x is finite."""
+    flat = x.reshape(-1)
+    if flat.dtype == np.float64:
+        return float(np.dot(flat, flat))
+    return _chunked_sum_of_squares(flat, 0.0)
+
+
+def mean_std(x: Array) -> tuple[float, float]:
+    """Mean and (population) standard deviation in float64, as np.mean and np.std with
+    dtype=float64 give them, without np.std's float64 temporary of x's size."""
+    if x.size == 0:
+        return math.nan, math.nan
+    mean = float(np.mean(x, dtype=np.float64))  # buffered casting: no float64 copy of x
+    return mean, math.sqrt(_chunked_sum_of_squares(x.reshape(-1), mean) / x.size)
+
+
+def _chunked_sum_of_squares(flat: Array, shift: float) -> float:
+    """sum((flat - shift)**2) in float64, through one float64 buffer of CHUNK elements
+    reused for every chunk (a loop over chunks, not elements)."""
+    buffer = np.empty(min(CHUNK, flat.size), np.float64)
+    total = 0.0
+    for start in range(0, flat.size, CHUNK):
+        chunk = flat[start : start + CHUNK]
+        part = buffer[: chunk.size]
+        np.copyto(part, chunk)  # the cast (faster than a casting subtract)
+        if shift:
+            part -= shift
+        total += float(np.dot(part, part))
+    return total
 
 
 DEAD_RELU_ADVICE = (

@@ -59,6 +59,9 @@ class Program:
     output: int
     dtype: np.dtype[Any]
     flops: int
+    # Nodes whose gradient nobody reads (network mode's input batch X): backward neither
+    # computes nor passes it on, and reports None for them, as for a const.
+    no_grad: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -164,6 +167,7 @@ def compile_graph(
     *,
     limits: Limits = Limits(),
     dtype: np.dtype[Any] | type = np.float64,
+    no_grad: frozenset[str] = frozenset(),
 ) -> Program:
     if limits.max_nodes and len(nodes) > limits.max_nodes:
         raise LimitError(
@@ -193,6 +197,7 @@ def compile_graph(
         flops=0,
     )
     _infer_shapes(program, ordered, limits, leaf_values)
+    program.no_grad = frozenset(position[index[name]] for name in no_grad)  # ids -> rows
     return program
 
 
@@ -386,9 +391,11 @@ def backward(
     *,
     deadline: float | None = None,
 ) -> list[Array | None]:
-    """d(output)/d(node) for every node but consts. Gradients add up at forks."""
+    """d(output)/d(node) for every node but consts and `program.no_grad` (None for those).
+    Gradients add up at forks. Ops that take `needs` skip the gradients of such operands."""
     n = len(program)
     out = program.output
+    no_grad = program.no_grad
     grads: list[Array | None] = [None] * n
     if output_grad is None:
         grads[out] = np.ones(program.shapes[out], program.dtype)
@@ -402,23 +409,32 @@ def backward(
             )
         grads[out] = seed
     if isinstance(caches, _BatchedCaches):
-        return _backward_batched(program, caches, grads[out], deadline)  # type: ignore[arg-type]
+        batched = _backward_batched(program, caches, grads[out], deadline)  # type: ignore[arg-type]
+        for i in no_grad:
+            batched[i] = None
+        return batched
     with np.errstate(all="ignore"):
         for i in range(out, -1, -1):
             if deadline is not None and time.monotonic() > deadline:
                 check_deadline(deadline)  # every node: a single op may be a big matmul
             dout = grads[i]
-            if dout is None or program.is_leaf(i):
+            if dout is None or program.is_leaf(i) or i in no_grad:
                 continue
-            local = OPS[program.ops[i]].backward(dout, caches[i])
-            for j, d in zip(program.operands[i], local, strict=True):
-                if d is None or program.ops[j] == "const":
+            op = OPS[program.ops[i]]
+            operands = program.operands[i]
+            if op.takes_needs:  # a matmul skips the product for an operand nobody reads
+                needs = tuple(program.ops[j] != "const" and j not in no_grad for j in operands)
+                local = op.backward(dout, caches[i], needs)
+            else:
+                local = op.backward(dout, caches[i])
+            for j, d in zip(operands, local, strict=True):
+                if d is None or program.ops[j] == "const" or j in no_grad:
                     continue
                 d = unbroadcast(d, program.shapes[j])
                 # A new array, never `+=`: the slot may alias a gradient another node holds.
                 grads[j] = d if grads[j] is None else grads[j] + d
     for i in range(n):  # unreached (or not differentiable) nodes: gradient 0
-        if program.ops[i] == "const":
+        if program.ops[i] == "const" or i in no_grad:
             grads[i] = None  # even when the const is the output and was seeded above
         elif grads[i] is None:
             grads[i] = np.zeros(program.shapes[i], program.dtype)
@@ -515,7 +531,7 @@ def _build_plan(program: Program) -> _Plan | None:
     n = len(program)
     if n < BATCH_MIN_NODES or any(program.shapes):  # a shape () is falsy: all scalars
         return None
-    kinds = _op_kinds(program)
+    kinds = op_kinds(program)
     if kinds is None:
         return None
     codes, names = kinds
@@ -525,7 +541,7 @@ def _build_plan(program: Program) -> _Plan | None:
     return plan_columns(codes, names, (first, second), program.output, consts)
 
 
-def _op_kinds(program: Program) -> tuple[Array, list[tuple[str, Mapping[str, Any]]]] | None:
+def op_kinds(program: Program) -> tuple[Array, list[tuple[str, Mapping[str, Any]]]] | None:
     """A code per node for its (op, attrs) (-1: leaf), and the (op, attrs) of each code, in
     order of first appearance (the order groups run within a level). None when an op is not
     elementwise. Without attrs anywhere (the usual case) a node's kind is its op."""

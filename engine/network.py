@@ -3,17 +3,21 @@
 A network is not a second engine. `lower` turns its definition into `NodeSpec`s that
 `compile_graph` and `run` treat like any other graph, and `network_diagnostics` reads each
 layer's health off that one forward/backward pass. Layer i (1-based: the input layer is not
-counted) becomes five nodes, with a_prev = X for layer 1:
+counted) becomes four nodes, with a_prev = X for layer 1:
 
     layer{i}.W   param   (fan_in, units)
     layer{i}.b   param   (units,)
-    layer{i}.xW  matmul  a_prev @ W          (N, fan_in) @ (fan_in, units) -> (N, units)
-    layer{i}.z   add     xW + b              b broadcast over the N rows
+    layer{i}.z   affine  a_prev @ W + b   (N, fan_in) @ (fan_in, units), + b on every row
     layer{i}.a   act(z)  relu, leaky_relu, sigmoid, tanh, or identity for `linear`
 
 The last layer's `a` are the scores. With l2 = 0 the loss node is `loss`; with l2 > 0 it is
 `data_loss`, the penalty 0.5 * l2 * sum_i sum(W_i^2) is `l2`, and `loss` = data_loss + l2.
-`X` is an `input` (d loss / d X is worth reading); labels or targets are the `const` `y`.
+`X` is an `input`; labels or targets are the `const` `y`. d loss / d X costs a matmul as big
+as layer 1's and only the `gradients` report reads it, so the caller compiles with
+`no_grad=unread_gradients(...)` to skip it otherwise.
+
+Leaves are cast to the network's dtype as they are drawn (`leaf_values`), so a float32 run
+holds no float64 twin of its weights and `compile_graph` copies nothing.
 
 Limits are checked on the lowered graph before any weight or batch is drawn: `lower` runs
 once on zero-stride placeholders (no memory), and `compile_graph` infers every shape, the
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +42,8 @@ from engine.diagnostics import (
     is_dead,
     is_finite,
     is_saturated,
+    mean_std,
+    sum_of_squares,
     worst_status,
 )
 from engine.errors import GraphError, LimitError, Loc, ShapeError, ValueDomainError
@@ -332,20 +339,29 @@ def placeholder_leaves(spec: NetworkSpec) -> dict[str, Array]:
     return {name: np.broadcast_to(zero, shape) for name, shape in leaf_shapes(spec).items()}
 
 
-def init_weights(spec: NetworkSpec) -> tuple[Weights, ...]:
+def init_weights(
+    spec: NetworkSpec, dtype: np.dtype[Any] | type = np.float64
+) -> tuple[Weights, ...]:
     """W = N(0, 1) * scale(fan_in), drawn layer by layer from default_rng(seed); b = 0.
-    Drawn in float64 whatever the dtype, so float32 runs start from the same weights."""
+    Drawn in float64 whatever the dtype, so float32 runs start from the same weights; each
+    layer is cast to `dtype` as soon as it is drawn, so at most one float64 W is alive."""
     init = spec.init or Init()
     scale_of = INIT_SCALES[init.scheme]
     rng = np.random.default_rng(init.seed)
     weights = []
     for fan_in, layer in zip(spec.fan_ins, spec.layers, strict=True):
-        scale = scale_of(fan_in)
-        shape = (fan_in, layer.units)
-        # `zeros` draws nothing: 0 * N(0, 1) would leave -0.0 in the report.
-        W = rng.standard_normal(shape) * scale if scale else np.zeros(shape)
-        weights.append(Weights(W, np.zeros(layer.units)))
+        W = _normal((fan_in, layer.units), scale_of(fan_in), rng).astype(dtype, copy=False)
+        weights.append(Weights(W, np.zeros(layer.units, dtype)))
     return tuple(weights)
+
+
+def _normal(shape: Shape, scale: float, rng: np.random.Generator) -> Array:
+    """N(0, 1) * scale in float64, scaled in place (no second array of W's size)."""
+    if not scale:  # `zeros` draws nothing: 0 * N(0, 1) would leave -0.0 in the report
+        return np.zeros(shape)
+    drawn = rng.standard_normal(shape)
+    drawn *= scale
+    return drawn
 
 
 def random_batch(spec: NetworkSpec, batch: RandomBatch) -> Batch:
@@ -361,18 +377,28 @@ def random_batch(spec: NetworkSpec, batch: RandomBatch) -> Batch:
 
 
 def leaf_values(spec: NetworkSpec) -> dict[str, Array]:
-    """Every leaf's value: the explicit weights and batch, or drawn ones."""
-    weights = spec.weights if spec.weights is not None else init_weights(spec)
+    """Every leaf's value in the network's dtype: the explicit weights and batch, or drawn
+    ones. Cast here, so compile_graph copies nothing and no float64 twin outlives this."""
+    dtype = np.dtype(spec.dtype)
+    weights = spec.weights if spec.weights is not None else init_weights(spec, dtype)
     batch = spec.batch if isinstance(spec.batch, Batch) else random_batch(spec, spec.batch)
-    values: dict[str, Array] = {"X": batch.x}
+    values: dict[str, Array] = {"X": np.asarray(batch.x, dtype)}
     for i, w in enumerate(weights, start=1):
-        values[f"layer{i}.W"] = w.W
-        values[f"layer{i}.b"] = w.b
+        values[f"layer{i}.W"] = np.asarray(w.W, dtype)
+        values[f"layer{i}.b"] = np.asarray(w.b, dtype)
     shapes = leaf_shapes(spec)
     if "y" in shapes:
         assert batch.y is not None  # check_network: every loss with targets has y
-        values["y"] = batch.y.reshape(shapes["y"])  # mse's (N,) targets of one unit -> (N, 1)
+        # mse's (N,) targets of one unit -> (N, 1)
+        values["y"] = np.asarray(batch.y, dtype).reshape(shapes["y"])
     return values
+
+
+def unread_gradients(*, gradients: bool) -> frozenset[str]:
+    """The leaves whose gradient no report reads, for `compile_graph(no_grad=...)`: the input
+    batch X's, unless the report returns every node's gradient (`include: ["gradients"]`).
+    Skipping it saves a matmul as big as layer 1's forward."""
+    return frozenset() if gradients else frozenset({"X"})
 
 
 # --- lowering ----------------------------------------------------------------------------
@@ -405,7 +431,7 @@ def build_graph(spec: NetworkSpec, leaves: Mapping[str, Array]) -> tuple[list[No
 def _layer_nodes(
     spec: NetworkSpec, i: int, layer: Layer, previous: str, leaves: Mapping[str, Array]
 ) -> list[NodeSpec]:
-    """a = act(previous @ W + b) for layer i (1-based)."""
+    """a = act(previous @ W + b) for layer i (1-based), the affine part as one node."""
     name, k = f"layer{i}", i - 1
     loc: Loc = ("layers", k)
     weights_loc: Loc = ("weights", k) if spec.weights is not None else ("init",)
@@ -414,8 +440,7 @@ def _layer_nodes(
     return [
         NodeSpec(f"{name}.W", "param", value=leaves[f"{name}.W"], loc=(*weights_loc, "W")),
         NodeSpec(f"{name}.b", "param", value=leaves[f"{name}.b"], loc=(*weights_loc, "b")),
-        NodeSpec(f"{name}.xW", "matmul", (previous, f"{name}.W"), loc=loc),
-        NodeSpec(f"{name}.z", "add", (f"{name}.xW", f"{name}.b"), loc=loc),
+        NodeSpec(f"{name}.z", "affine", (previous, f"{name}.W", f"{name}.b"), loc=loc),
         NodeSpec(f"{name}.a", act, (f"{name}.z",), attrs, loc=loc),
     ]
 
@@ -551,14 +576,15 @@ def network_diagnostics(
         assert g is not None  # params get a gradient
         return g
 
+    stats = _TensorStats()
     layers = [
-        _layer_diagnostics(i, layer, fan_in, value, grad, thresholds.saturation_eps)
+        _layer_diagnostics(i, layer, fan_in, value, grad, thresholds.saturation_eps, stats)
         for i, (fan_in, layer) in enumerate(zip(spec.fan_ins, spec.layers, strict=True), start=1)
     ]
     nonfinite = [
         node
         for i, node in enumerate(result.program.ids)
-        if not (is_finite(result.values[i]) and is_finite(result.grads[i]))
+        if not (stats.finite(result.values[i]) and stats.finite(result.grads[i]))
     ]
     ratio = _first_to_last(layers, "grad_norm_W")
     signal = _first_to_last(layers, "grad_norm_z")
@@ -593,31 +619,32 @@ def _layer_diagnostics(
     value: Callable[[str], Array],
     grad: Callable[[str], Array],
     eps: float,
+    stats: _TensorStats,
 ) -> LayerDiagnostics:
     name = f"layer{i}"
     z, a = value(f"{name}.z"), value(f"{name}.a")  # (N, units)
-    dead = np.zeros(z.shape, bool)
-    saturated = np.zeros(a.shape, bool)
+    dead = saturated = _NONE_FLAGGED
     if layer.activation in DYING:
-        dead = is_dead(z)
+        dead = _flagged_units(is_dead(z))
     if layer.activation in SATURATING:
-        saturated = is_saturated(a, layer.activation, eps)
+        saturated = _flagged_units(is_saturated(a, layer.activation, eps))
     with np.errstate(all="ignore"):  # huge or non-finite activations: inf/nan, not a crash
-        mean = float(np.mean(a, dtype=np.float64))
-        std = float(np.std(a, dtype=np.float64))
-        weight_norm = _norm(value(f"{name}.W"))
-        grad_w, grad_b = _norm(grad(f"{name}.W")), _norm(grad(f"{name}.b"))
-        grad_z = _norm(grad(f"{name}.z"))
+        stats.finite(z)  # here, where is_dead has just read z into cache
+        mean, std = mean_std(a)
+        if math.isfinite(mean):  # a float64 sum of a is non-finite when any element is
+            stats.known_finite(a)
+        weight_norm = stats.norm(value(f"{name}.W"))
+        grad_w, grad_b = stats.norm(grad(f"{name}.W")), stats.norm(grad(f"{name}.b"))
+        grad_z = stats.norm(grad(f"{name}.z"))
     return LayerDiagnostics(
         index=i,
         units=layer.units,
         activation=layer.activation,
         fan_in=fan_in,
-        # A unit is dead (saturated) when it is so on every example of the batch.
-        dead_unit_indices=np.flatnonzero(dead.all(axis=0)).tolist(),
-        dead_activation_fraction=float(dead.mean()),
-        saturated_unit_indices=np.flatnonzero(saturated.all(axis=0)).tolist(),
-        saturated_activation_fraction=float(saturated.mean()),
+        dead_unit_indices=dead[0],
+        dead_activation_fraction=dead[1],
+        saturated_unit_indices=saturated[0],
+        saturated_activation_fraction=saturated[1],
         activation_mean=mean,
         activation_std=std,
         weight_norm=weight_norm,
@@ -627,9 +654,44 @@ def _layer_diagnostics(
     )
 
 
-def _norm(x: Array) -> float:
-    """The Frobenius norm in float64 (a float32 sum of squares overflows early)."""
-    return float(np.linalg.norm(np.asarray(x, dtype=np.float64)))
+_NONE_FLAGGED: tuple[list[int], float] = ([], 0.0)  # gates that cannot die or saturate
+
+
+def _flagged_units(flagged: Array) -> tuple[list[int], float]:
+    """(units flagged on every example of the batch, fraction of flagged activations) of an
+    (N, units) mask: a unit is dead (saturated) when it is so on every example."""
+    units = np.flatnonzero(flagged.all(axis=0)).tolist()
+    return units, int(np.count_nonzero(flagged)) / flagged.size  # = flagged.mean(), no float pass
+
+
+class _TensorStats:
+    """Each tensor read once for the diagnostics: its float64 sum of squares gives its norm
+    and, being NaN or inf whenever an element is, its finiteness too. Keyed by id: the
+    result keeps every array alive while the report is read."""
+
+    def __init__(self) -> None:
+        self._sum_of_squares: dict[int, float] = {}
+        self._finite: dict[int, bool] = {}
+
+    def norm(self, x: Array) -> float:
+        """The Frobenius norm in float64 (a float32 sum of squares overflows early)."""
+        total = self._sum_of_squares.get(id(x))
+        if total is None:
+            total = self._sum_of_squares[id(x)] = sum_of_squares(x)
+            if math.isfinite(total):
+                self._finite[id(x)] = True
+        return math.sqrt(total)
+
+    def known_finite(self, x: Array) -> None:
+        self._finite[id(x)] = True
+
+    def finite(self, x: Array | None) -> bool:
+        if x is None:
+            return True
+        known = self._finite.get(id(x))
+        if known is None:
+            known = self._finite[id(x)] = is_finite(x)
+        return known
 
 
 def _first_to_last(layers: Sequence[LayerDiagnostics], norm: str) -> float | None:

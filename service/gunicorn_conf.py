@@ -24,6 +24,11 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
 
 from service.config import ConfigError, Settings  # noqa: E402  (after the variables above)
+from service.memory import retain_freed_memory  # noqa: E402
+
+# Set in the master, inherited by every forked worker: a request reuses the pages the one
+# before it freed instead of page-faulting them in again (service/memory.py).
+retain_freed_memory()
 
 try:
     settings = Settings.from_env()

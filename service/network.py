@@ -25,6 +25,7 @@ from engine.network import (
     check_network_limits,
     lower,
     network_diagnostics,
+    unread_gradients,
 )
 from engine.tensors import to_array, to_wire
 from schemas.network import NetworkRequest
@@ -88,7 +89,11 @@ def diagnose_network(
     check_network(spec)
     check_network_limits(spec, limits)
     nodes, output = lower(spec)
-    program = compile_graph(nodes, output, limits=limits.graph, dtype=np.dtype(spec.dtype))
+    # X's gradient is a matmul as big as layer 1's: computed only when the report returns it
+    no_grad = unread_gradients(gradients="gradients" in request.include)
+    program = compile_graph(
+        nodes, output, limits=limits.graph, dtype=np.dtype(spec.dtype), no_grad=no_grad
+    )
     result = run(program, deadline=deadline)
     diagnostics = network_diagnostics(result, spec, engine_thresholds(request.thresholds))
     return DiagnosedNetwork(spec, result, diagnostics)

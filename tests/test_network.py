@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from engine import Thresholds, compile_graph, run
+from engine import Result, Thresholds, compile_graph, run
 from engine.graph import Program, forward
 from engine.network import (
     ACTIVATION_OPS,
@@ -22,6 +23,7 @@ from engine.network import (
     Batch,
     Init,
     Layer,
+    NetworkLimits,
     NetworkSpec,
     RandomBatch,
     Weights,
@@ -31,8 +33,10 @@ from engine.network import (
     network_diagnostics,
     parameter_counts,
     placeholder_leaves,
+    unread_gradients,
 )
 from engine.network import build_graph as build_network_graph
+from engine.ops import OPS
 from service import create_app
 from service.config import Settings
 
@@ -422,9 +426,8 @@ def test_network_equals_the_same_graph_lowered_by_hand(client: FlaskClient) -> N
             leaf("b2", "param", b2.tolist()),
             leaf("labels", "const", labels),
             gate("h", "relu", "z1"),
-            gate("z1", "add", "xW1", "b1"),
-            gate("xW1", "matmul", "x", "W1"),
-            gate("hW2", "matmul", "h", "W2"),
+            gate("z1", "affine", "x", "W1", "b1"),  # as the network lowers a layer
+            gate("hW2", "matmul", "h", "W2"),  # the same layer as two ops: the same numbers
             gate("scores", "add", "hW2", "b2"),
             gate("L", "softmax_cross_entropy", "scores", "labels"),
         ],
@@ -568,7 +571,8 @@ def test_huge_network_is_refused_before_anything_is_allocated(client: FlaskClien
         ({}, {"batch": {"random": {"size": 65_537}}}, "max_batch", ["batch", "random", "size"]),
         ({"max_layers": 2}, {}, "max_layers", ["layers"]),
         ({"max_flops": 1_000}, {}, "max_flops", ["layers", 0]),
-        ({"max_total_elements": 500}, {}, "max_total_elements", ["layers", 0]),
+        # X 48 + W 24 + b 8 + z 128 + a 128 = 336 elements by the end of layer 1
+        ({"max_total_elements": 300}, {}, "max_total_elements", ["layers", 0]),
     ],
 )
 def test_limits_are_422_with_the_limit(
@@ -716,3 +720,153 @@ def test_openapi_lists_the_network_endpoint(client: FlaskClient) -> None:
     assert "/v1/network" in document["paths"]
     schemas = document["components"]["schemas"]
     assert {"NetworkRequest", "NetworkResponse", "LayerReport"} <= set(schemas)
+
+
+# --- work and memory: gradients nobody reads, dtype casts, diagnostics' reductions --------
+
+
+def network_request(include: list[str]) -> dict[str, Any]:
+    return {
+        "input_dim": 2,
+        "layers": [{"units": 3, "activation": "relu"}, {"units": 2, "activation": "linear"}],
+        "loss": "softmax_cross_entropy",
+        "init": {"scheme": "he", "seed": 1},
+        "batch": {"x": X3, "y": [0.0, 1.0, 1.0]},
+        "include": include,
+    }
+
+
+def test_input_gradient_is_skipped_unless_the_report_returns_it(client: FlaskClient) -> None:
+    from schemas.network import NetworkRequest
+    from service.network import diagnose_network
+
+    for include, computed in (([], False), (["gradients"], True)):
+        request = NetworkRequest.model_validate(network_request(include))
+        done = diagnose_network(request, NetworkLimits())
+        x_grad = done.result.grads[list(done.result.program.ids).index("X")]
+        assert (x_grad is not None) is computed
+    with_grads = post(client, network_request(["gradients"]))
+    without = post(client, network_request([]))
+    assert {k: v for k, v in with_grads.items() if k != "nodes"} == without
+    nodes = with_grads["nodes"]
+    dz1, W1 = np.array(nodes["layer1.z"]["grad"]), np.array(nodes["layer1.W"]["value"])
+    np.testing.assert_allclose(nodes["X"]["grad"], dz1 @ W1.T, rtol=1e-15, atol=1e-15)
+
+
+def test_no_grad_leaf_skips_its_matmul_and_changes_no_other_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = small_spec("relu", "softmax_cross_entropy", l2=0.1)
+    nodes, output = lower(spec)
+    full = run(compile_graph(nodes, output))
+    calls: list[tuple[bool, ...]] = []
+    affine = OPS["affine"]
+
+    def spy(dout: Any, cache: Any, needs: tuple[bool, ...] = (True, True, True)) -> Any:
+        calls.append(needs)
+        return affine.backward(dout, cache, needs)
+
+    monkeypatch.setitem(OPS, "affine", dataclasses.replace(affine, backward=spy))
+    program = compile_graph(nodes, output, no_grad=unread_gradients(gradients=False))
+    skipped = run(program)
+    assert calls == [(True, True, True), (False, True, True)]  # layer 2, then layer 1 (X)
+    for node, g_full, g_skipped in zip(program.ids, full.grads, skipped.grads, strict=True):
+        if node == "X":
+            assert g_full is not None and g_skipped is None
+        elif g_full is None:
+            assert g_skipped is None
+        else:
+            np.testing.assert_array_equal(g_skipped, g_full, err_msg=node)
+    diagnostics = network_diagnostics(skipped, spec, Thresholds())
+    assert diagnostics.nonfinite_nodes == []
+
+
+def test_float32_leaves_are_cast_as_drawn_and_compile_copies_none() -> None:
+    spec = NetworkSpec(
+        input_dim=5,
+        layers=(Layer(4, "relu"), Layer(3, "linear")),
+        loss="mse",
+        init=Init("he", 2),
+        batch=RandomBatch(6, 3),
+        dtype="float32",
+    )
+    nodes, output = lower(spec)
+    leaves = {node.id: node.value for node in nodes if node.value is not None}
+    assert {value.dtype for value in leaves.values()} == {np.dtype(np.float32)}
+    wide = init_weights(spec)  # float64, as drawn
+    for i, w in enumerate(wide, start=1):
+        np.testing.assert_array_equal(leaves[f"layer{i}.W"], w.W.astype(np.float32))
+    program = compile_graph(nodes, output, dtype=np.float32)
+    for i, value in program.leaf_values.items():
+        assert value is leaves[program.ids[i]]  # the same array: no copy
+
+
+def test_float32_request_allocates_little_beyond_the_tensors_it_keeps() -> None:
+    """tracemalloc sees NumPy's allocations: the whole request (draw, lower, compile, run,
+    diagnostics) peaks at 1.05x the bytes of the values and gradients it keeps. A float64
+    twin of the drawn weights alone made it ~1.5x; float64 copies for the norms more."""
+    import tracemalloc
+
+    spec = NetworkSpec(
+        input_dim=64,
+        layers=(Layer(256, "relu"), Layer(256, "relu"), Layer(10, "linear")),
+        loss="softmax_cross_entropy",
+        init=Init("he", 0),
+        batch=RandomBatch(128, 0),
+        dtype="float32",
+    )
+
+    def request() -> Result:
+        nodes, output = lower(spec)
+        no_grad = unread_gradients(gradients=False)
+        result = run(compile_graph(nodes, output, dtype=np.float32, no_grad=no_grad))
+        network_diagnostics(result, spec, Thresholds())
+        return result
+
+    request()  # first calls import and set up NumPy's lazy parts: not the request's memory
+    tracemalloc.start()
+    try:
+        result = request()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    kept = {id(a): a.nbytes for a in [*result.values, *result.grads] if a is not None}
+    assert peak <= 1.2 * sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_layer_norms_and_moments_are_the_float64_formulas(dtype: str) -> None:
+    spec = NetworkSpec(
+        input_dim=6,
+        layers=(Layer(5, "tanh"), Layer(4, "relu"), Layer(2, "linear")),
+        loss="mse",
+        init=Init("xavier", 4),
+        batch=RandomBatch(7, 5),
+        dtype=dtype,
+    )
+    result = run(compile_graph(*lower(spec), dtype=np.dtype(dtype)))
+    at = {node: i for i, node in enumerate(result.program.ids)}
+
+    def norm(x: Any) -> float:
+        return float(np.linalg.norm(np.asarray(x, np.float64)))
+
+    for layer in network_diagnostics(result, spec, Thresholds()).layers:
+        name = layer.name
+        a = result.values[at[f"{name}.a"]]
+        assert layer.activation_mean == pytest.approx(np.mean(a, dtype=np.float64), rel=1e-12)
+        assert layer.activation_std == pytest.approx(np.std(a, dtype=np.float64), rel=1e-12)
+        assert layer.weight_norm == pytest.approx(norm(result.values[at[f"{name}.W"]]), rel=1e-12)
+        for part in ("W", "b", "z"):
+            want = norm(result.grads[at[f"{name}.{part}"]])
+            assert getattr(layer, f"grad_norm_{part}") == pytest.approx(want, rel=1e-12)
+
+
+def test_relu_nan_input_propagates_and_is_reported_where_it_starts(client: FlaskClient) -> None:
+    body = two_unit_network("relu", bias=0.0)
+    body["batch"]["x"][1][0] = "NaN"
+    report = post(client, body)
+    nodes = report["nodes"]
+    assert nodes["layer1.a"]["value"][1][0] == "NaN"  # relu(NaN) is NaN, as in PyTorch
+    assert report["health"]["status"] == "fail"
+    assert [f["code"] for f in report["health"]["findings"]] == ["nonfinite"]
+    assert "'X'" in report["health"]["findings"][0]["message"]

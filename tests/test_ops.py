@@ -9,6 +9,7 @@ away from kinks and poles so that a centred difference is a fair reference.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.errors import ShapeError
 from engine.graph import unbroadcast
-from engine.ops import LEAF_OPS, OPS, Array
+from engine.ops import LEAF_OPS, OPS, Array, all_finite
 from schemas import graph as graph_schema
 
 H = 1e-6
@@ -91,6 +93,14 @@ def matmul_operands(draw: Draw) -> tuple[Operands, Attrs]:
     )
     a_shape, b_shape = shapes.input_shapes
     return (array(draw, a_shape, SMOOTH), array(draw, b_shape, SMOOTH)), {}
+
+
+@st.composite
+def affine_operands(draw: Draw) -> tuple[Operands, Attrs]:
+    """x (N, D), W (D, M), b (M,)."""
+    n, d, m = (draw(st.integers(1, MAX_SIDE)) for _ in range(3))
+    x, W, b = (array(draw, shape, SMOOTH) for shape in ((n, d), (d, m), (m,)))
+    return (x, W, b), {}
 
 
 @st.composite
@@ -207,6 +217,7 @@ CASES = [
     Case("sigmoid", unary(st.floats(-3.0, 3.0)), lambda x: 1.0 / (1.0 + np.exp(-x))),
     Case("tanh", unary(st.floats(-3.0, 3.0)), np.tanh),
     Case("matmul", matmul_operands(), lambda a, b: a @ b),
+    Case("affine", affine_operands(), lambda x, W, b: x @ W + b),
     Case("transpose", transpose_operands(), lambda x, axes=None: np.transpose(x, axes)),
     Case("sum", reduce_operands(), ref_sum),
     Case("mean", reduce_operands(), ref_mean),
@@ -400,3 +411,146 @@ def test_softmax_cross_entropy_is_finite_with_huge_scores() -> None:
     assert dlabels is None
     assert dscores is not None
     np.testing.assert_allclose(dscores, np.array([[0.0, 0.0], [-0.5, 0.5]]))
+
+
+# --- affine: a fully-connected layer as one op ----------------------------------------
+
+
+def test_affine_by_hand() -> None:
+    x = np.array([[1.0, 2.0], [3.0, -1.0]])  # (N=2, D=2)
+    W = np.array([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5]])  # (D=2, M=3)
+    b = np.array([10.0, 20.0, 30.0])  # (M=3,)
+    out, cache = OPS["affine"].forward(x, W, b)
+    # row 0: [1 - 2, 2, 2 + 1] + b; row 1: [3 + 1, -1, 6 - 0.5] + b
+    np.testing.assert_array_equal(out, [[9.0, 22.0, 33.0], [14.0, 19.0, 35.5]])
+    dout = np.array([[1.0, 0.0, -1.0], [2.0, 1.0, 0.0]])
+    dx, dW, db = OPS["affine"].backward(dout, cache)
+    np.testing.assert_array_equal(dx, [[1.0 - 2.0, -1.0 - 0.5], [2.0, -2.0 + 1.0]])  # dout @ W.T
+    np.testing.assert_array_equal(
+        dW, [[1.0 + 6.0, 3.0, -1.0], [2.0 - 2.0, -1.0, -2.0]]
+    )  # x.T @ dout
+    np.testing.assert_array_equal(db, [3.0, 1.0, -1.0])  # dout summed over the rows
+    assert OPS["affine"].flops([(2, 2), (2, 3), (3,)], (2, 3)) == 2 * 2 * 2 * 3 + 2 * 3
+
+
+def test_affine_equals_matmul_then_add_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    x, W, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 3)), rng.standard_normal(3)
+    dout = rng.standard_normal((5, 3))
+    out, cache = OPS["affine"].forward(x, W, b)
+    np.testing.assert_array_equal(out, x @ W + b)
+    dx, dW, db = OPS["affine"].backward(dout, cache)
+    (dx2, dW2), _ = OPS["matmul"].backward(dout, (x, W)), None
+    np.testing.assert_array_equal(dx, dx2)
+    np.testing.assert_array_equal(dW, dW2)
+    np.testing.assert_array_equal(db, unbroadcast(dout, (3,)))
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        (((3,), (3, 2), (2,)), "x must be a matrix (N, D), got shape [3]"),
+        (((4, 3), (2, 5), (5,)), "W must be (D, M) with D = 3"),
+        (((4, 3), (3, 5, 1), (5,)), "W must be (D, M) with D = 3"),
+        (((4, 3), (3, 5), (4,)), "b must be (M,) = [5]"),
+        (((4, 3), (3, 5), (1, 5)), "b must be (M,) = [5]"),
+    ],
+)
+def test_affine_shape_errors_name_the_operand(
+    shapes: tuple[tuple[int, ...], ...], message: str
+) -> None:
+    with pytest.raises(ShapeError, match=re.escape(message)):
+        OPS["affine"].shape(*shapes)
+
+
+@pytest.mark.parametrize(
+    ("op_name", "operands"),
+    [
+        ("affine", ((2, 3), (3, 4), (4,))),
+        ("matmul", ((2, 3), (3, 4))),
+        ("matmul", ((3,), (2, 3, 4))),  # 1-D and batched: the promotion is undone as before
+    ],
+)
+def test_needs_skips_exactly_the_unwanted_gradients(
+    op_name: str, operands: tuple[tuple[int, ...], ...]
+) -> None:
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal(shape) for shape in operands]
+    op = OPS[op_name]
+    assert op.takes_needs
+    out, cache = op.forward(*xs)
+    dout = rng.standard_normal(np.shape(out))
+    full = op.backward(dout, cache)
+    for skipped in range(len(xs)):
+        needs = tuple(k != skipped for k in range(len(xs)))
+        partial = op.backward(dout, cache, needs)
+        for k, (got, want) in enumerate(zip(partial, full, strict=True)):
+            if k == skipped:
+                assert got is None
+            else:
+                np.testing.assert_array_equal(got, want)
+
+
+# --- relu: NaN propagates, a blocked inf stays blocked ----------------------------------
+
+
+def test_relu_propagates_nan_as_pytorch_does() -> None:
+    out, _ = OPS["relu"].forward(np.array([np.nan, -np.inf, np.inf, -2.0, 3.0]))
+    np.testing.assert_array_equal(out, [np.nan, 0.0, np.inf, 0.0, 3.0])  # NaN == NaN here
+
+
+def test_relu_blocked_inf_or_nan_upstream_gradient_is_zero_not_nan() -> None:
+    x = np.array([-1.0, 0.0, 2.0, 3.0, -4.0])
+    dout = np.array([np.inf, -np.inf, 5.0, np.inf, np.nan])
+    (dx,) = only_grad_with("relu", dout, x)
+    np.testing.assert_array_equal(dx, [0.0, 0.0, 5.0, np.inf, 0.0])  # passed where x > 0 only
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_keeps_the_dtype_and_gives_no_gradient_at_a_nan_input(dtype: type) -> None:
+    x = np.array([np.nan, 1.5, -1.5], dtype)
+    out, cache = OPS["relu"].forward(x)
+    assert out.dtype == dtype
+    (dx,) = OPS["relu"].backward(np.ones(3, dtype), cache)
+    assert dx is not None and dx.dtype == dtype
+    np.testing.assert_array_equal(dx, [0.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0, 3.0])
+def test_leaky_relu_slope_is_exactly_one_or_alpha(alpha: float) -> None:
+    x = np.array([-2.0, 0.0, 0.5, 7.0, np.nan])
+    out, _ = OPS["leaky_relu"].forward(x, alpha=alpha)
+    np.testing.assert_array_equal(out, [-2.0 * alpha, 0.0, 0.5, 7.0, np.nan])
+    (dx,) = only_grad("leaky_relu", x, alpha=alpha)
+    np.testing.assert_array_equal(dx, [alpha, alpha, 1.0, 1.0, alpha])
+
+
+def only_grad_with(op_name: str, dout: Array, *operands: Array) -> tuple[Any, ...]:
+    op = OPS[op_name]
+    _, cache = op.forward(*operands)
+    with np.errstate(invalid="ignore"):  # as graph.backward runs every op
+        return tuple(op.backward(dout, cache))
+
+
+# --- all_finite: one read, exact ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, -2.0, 3.0],
+        [1.0, np.nan, 3.0],
+        [1.0, np.inf, 3.0],
+        [-np.inf, np.inf],  # inf - inf: the sum alone would be NaN either way
+        [3e38, 3e38, -3e38],  # finite, but the squares (float32 and float64 alike) overflow
+        [1e200, -1e200],
+    ],
+)
+def test_all_finite_matches_isfinite(dtype: type, values: list[float]) -> None:
+    with np.errstate(over="ignore"):
+        x = np.array(values).astype(dtype)  # 1e200 is inf in float32
+    expected = bool(np.isfinite(x).all())
+    assert all_finite(x) is expected
+    assert all_finite(x.reshape(-1, 1)[::-1]) is expected  # not contiguous
+    assert all_finite(x[0]) is bool(np.isfinite(x[0]))  # 0-d

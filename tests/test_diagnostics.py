@@ -1,0 +1,99 @@
+"""The reductions the reports are read with, against the straightforward formulas: norms and
+moments accumulated in float64 without float64 copies, and the one-read finiteness check."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.diagnostics import CHUNK, is_finite, mean_std, sum_of_squares
+from engine.network import _TensorStats
+
+DTYPES = [np.float32, np.float64]
+SIZES = [1, 7, CHUNK, 3 * CHUNK + 5]  # one chunk, exactly one, several with a tail
+
+
+def straightforward_norm(x: np.ndarray) -> float:
+    return float(np.linalg.norm(x.astype(np.float64)))
+
+
+def sample(dtype: type, size: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(size) * 3.0 + 0.5).astype(dtype)
+
+
+def same(got: float, want: float, rel: float = 1e-12) -> bool:
+    if math.isnan(want):
+        return math.isnan(got)
+    if math.isinf(want):
+        return got == want
+    return got == pytest.approx(want, rel=rel, abs=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_sum_of_squares_is_the_float64_norm_squared(dtype: type, size: int) -> None:
+    x = sample(dtype, size).reshape(-1, 1) if size % 2 else sample(dtype, size)
+    want = straightforward_norm(x) ** 2
+    assert same(sum_of_squares(x), want)
+    assert same(_TensorStats().norm(x), straightforward_norm(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_mean_std_match_numpy_in_float64(dtype: type, size: int) -> None:
+    x = sample(dtype, size, seed=1).reshape(1, -1)
+    mean, std = mean_std(x)
+    assert same(mean, float(np.mean(x, dtype=np.float64)))
+    assert same(std, float(np.std(x, dtype=np.float64)))
+
+
+def test_float32_norm_does_not_overflow_where_float32_arithmetic_would() -> None:
+    x = np.full(3 * CHUNK, 3e19, np.float32)  # each square is 9e38 > float32's 3.4e38
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.dot(x, x))  # what a float32 sum of squares gives
+    assert same(_TensorStats().norm(x), straightforward_norm(x))
+    assert math.isfinite(_TensorStats().norm(x))
+
+
+def special(dtype: type, kind: str) -> np.ndarray:
+    x = sample(dtype, 2 * CHUNK + 4, seed=2)
+    big = float(np.finfo(dtype).max) / 2  # finite, but its square overflows in any dtype
+    values = {"finite": None, "nan": np.nan, "inf": np.inf, "-inf": -np.inf, "huge": big}
+    if values[kind] is not None:
+        x[CHUNK + 1] = values[kind]
+    if kind == "inf":
+        x[3] = -np.inf  # inf - inf: NaN, still non-finite
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["finite", "nan", "inf", "-inf", "huge"])
+def test_finiteness_and_norms_with_non_finite_and_overflowing_elements(
+    dtype: type, kind: str
+) -> None:
+    x = special(dtype, kind)
+    expected = bool(np.isfinite(x).all())
+    assert expected is (kind in ("finite", "huge"))
+    assert is_finite(x) is expected
+    assert is_finite(x.reshape(2, -1)[:, ::2]) is bool(np.isfinite(x.reshape(2, -1)[:, ::2]).all())
+    stats = _TensorStats()
+    with np.errstate(over="ignore", invalid="ignore"):
+        want_norm = straightforward_norm(x)
+        want_mean, want_std = (
+            float(np.mean(x, dtype=np.float64)),
+            float(np.std(x, dtype=np.float64)),
+        )
+        got_norm = stats.norm(x)  # before finite(): the norm's sum settles finiteness too
+        got_mean, got_std = mean_std(x)
+    assert stats.finite(x) is expected
+    assert same(got_norm, want_norm)
+    assert same(got_mean, want_mean)
+    assert same(got_std, want_std)
+
+
+def test_none_gradient_counts_as_finite() -> None:
+    assert is_finite(None)
+    assert _TensorStats().finite(None)
