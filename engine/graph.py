@@ -138,8 +138,9 @@ class OperandRows(Sequence[tuple[int, ...]]):
 
 @dataclass
 class Result:
-    """Forward values and gradients, indexed like the program. `grads[i]` is None for const.
-    A batched scalar run also keeps them as one array each (`flat_grads` 0 for consts)."""
+    """Forward values and gradients, indexed like the program. `grads[i]` is None for a const
+    and for a `no_grad` leaf. A batched scalar run also keeps them as one array each
+    (`flat_grads`: 0 for consts)."""
 
     program: Program
     values: list[Array]
