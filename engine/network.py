@@ -665,7 +665,7 @@ def _flagged_units(flagged: Array) -> tuple[list[int], float]:
 
 
 class _TensorStats:
-    """Each tensor read once for the diagnostics: its float64 sum of squares gives its norm
+    """Each tensor read once for the diagnostics: its sum of squares gives its norm
     and, being NaN or inf whenever an element is, its finiteness too. Keyed by id: the
     result keeps every array alive while the report is read."""
 
@@ -674,7 +674,8 @@ class _TensorStats:
         self._finite: dict[int, bool] = {}
 
     def norm(self, x: Array) -> float:
-        """The Frobenius norm in float64 (a float32 sum of squares overflows early)."""
+        """The Frobenius norm, from `sum_of_squares` (float64; a float32 tensor's in float32
+        when that sum is in its trusted range)."""
         total = self._sum_of_squares.get(id(x))
         if total is None:
             total = self._sum_of_squares[id(x)] = sum_of_squares(x)
