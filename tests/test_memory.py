@@ -37,5 +37,7 @@ def second_request_faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_retained_memory_spares_the_next_request_its_page_faults() -> None:
     default, retained = second_request_faults("default"), second_request_faults("retain")
-    assert default > 5_000  # ~14,000 pages of 4 KiB page-faulted in again
+    # here ~14,000 pages of 4 KiB are page-faulted in again by default; transparent huge
+    # pages (a host setting) may make that far fewer, so the check is relative
     assert retained < 500
+    assert retained * 10 < default or default < 1_000
