@@ -27,6 +27,7 @@ from engine.graph import (
     OperandRows,
     Program,
     RowIds,
+    first_seen_codes,
     op_kinds,
     plan_columns,
 )
@@ -135,13 +136,11 @@ class _OpColumn:
     """The op column as codes: `names` in order of first appearance, `codes[i]` row i's."""
 
     def __init__(self, ops: Sequence[str]) -> None:
-        self.names = list(dict.fromkeys(ops))
+        self.names, self.codes = first_seen_codes(ops)
         for name in self.names:  # the wire schema knows the ops; check again for other callers
             if name not in LEAF_OPS and name not in OPS:
                 row = list(ops).index(name)
                 raise GraphError(f"row {row}: unknown op {name!r}", loc=("columns", "op", row))
-        code_of = {name: k for k, name in enumerate(self.names)}
-        self.codes = np.fromiter(map(code_of.__getitem__, ops), np.intp, len(ops))
 
     def arity(self) -> Array:
         table = [0 if name in LEAF_OPS else OPS[name].arity for name in self.names]
@@ -306,13 +305,8 @@ def _attach_plan(program: Program, table: _OpColumn, operands: Array, *, has_att
     tuples). Small or non-elementwise tables take the per-node walk."""
     if len(program) < BATCH_MIN_NODES:
         return
-    if has_attrs:  # one group kind per (op, attrs): engine.graph's own reading
-        kinds = op_kinds(program)
-    else:  # the group kinds are the ops, in order of first appearance
-        inner = [name for name in table.names if name not in LEAF_OPS]
-        batchable = all(OPS[name].elementwise for name in inner)
-        remap = np.array([inner.index(name) if name in inner else -1 for name in table.names])
-        kinds = (remap[table.codes], [(name, NO_ATTRS) for name in inner]) if batchable else None
+    # without attrs the group kinds are the ops, already coded
+    kinds = op_kinds(program, None if has_attrs else (table.names, table.codes))
     if kinds is None:
         return
     codes, names = kinds

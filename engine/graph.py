@@ -154,12 +154,18 @@ def op_rows(program: Program) -> dict[str, Array]:
     (which nodes are relus, params, consts) without a Python loop per row."""
     rows: dict[str, Array] | None = program.__dict__.get("_op_rows")
     if rows is None:
-        names = list(dict.fromkeys(program.ops))
-        code_of = {name: k for k, name in enumerate(names)}
-        codes = np.fromiter(map(code_of.__getitem__, program.ops), np.intp, len(program))
+        names, codes = first_seen_codes(program.ops)
         rows = {name: np.flatnonzero(codes == k) for k, name in enumerate(names)}
         program.__dict__["_op_rows"] = rows
     return rows
+
+
+def first_seen_codes(keys: Sequence[Any]) -> tuple[list[Any], Array]:
+    """The distinct keys in order of first appearance, and each row's index among them:
+    one pass in C (dict.fromkeys, map), not a Python loop per row."""
+    distinct = list(dict.fromkeys(keys))
+    code_of = {key: k for k, key in enumerate(distinct)}
+    return distinct, np.fromiter(map(code_of.__getitem__, keys), np.intp, len(keys))
 
 
 def compile_graph(
@@ -542,32 +548,35 @@ def _build_plan(program: Program) -> _Plan | None:
     return plan_columns(codes, names, (first, second), program.output, consts)
 
 
-def op_kinds(program: Program) -> tuple[Array, list[tuple[str, Mapping[str, Any]]]] | None:
+def op_kinds(
+    program: Program, coded: tuple[list[Any], Array] | None = None
+) -> tuple[Array, list[tuple[str, Mapping[str, Any]]]] | None:
     """A code per node for its (op, attrs) (-1: leaf), and the (op, attrs) of each code, in
     order of first appearance (the order groups run within a level). None when an op is not
-    elementwise. Without attrs anywhere (the usual case) a node's kind is its op."""
-    ops = program.ops
-    distinct = dict.fromkeys(ops)
-    if any(op not in LEAF_OPS and not OPS[op].elementwise for op in distinct):
+    elementwise. Without attrs anywhere (the usual case) a node's kind is its op; `coded`
+    is the op column already coded by `first_seen_codes` (a caller that knows there are no
+    attrs)."""
+    if coded is None:
+        keys: Sequence[Any] = program.ops
+        if any(program.attrs):  # leaky_relu's alpha: one kind per (op, attrs)
+            keys = [
+                (op, tuple(sorted(attrs.items()))) if attrs else op
+                for op, attrs in zip(program.ops, program.attrs, strict=True)
+            ]
+        coded = first_seen_codes(keys)
+    distinct, codes = coded
+    ops = [key if isinstance(key, str) else key[0] for key in distinct]
+    if any(op not in LEAF_OPS and not OPS[op].elementwise for op in ops):
         return None
-    keys: Sequence[Any] = ops
-    if any(program.attrs):  # leaky_relu's alpha: one kind per (op, attrs)
-        keys = [
-            (op, tuple(sorted(attrs.items()))) if attrs else op
-            for op, attrs in zip(ops, program.attrs, strict=True)
-        ]
-        distinct = dict.fromkeys(keys)
     names: list[tuple[str, Mapping[str, Any]]] = []
-    code_of: dict[Any, int] = {}
-    for key in distinct:
-        attrs: Mapping[str, Any] = {} if isinstance(key, str) else dict(key[1])
-        op = key if isinstance(key, str) else key[0]
+    remap: list[int] = []
+    for key, op in zip(distinct, ops, strict=True):
         if op in LEAF_OPS:
-            code_of[key] = -1
+            remap.append(-1)
         else:
-            code_of[key] = len(names)
-            names.append((op, attrs))
-    return np.array([code_of[key] for key in keys], np.intp), names
+            remap.append(len(names))
+            names.append((op, {} if isinstance(key, str) else dict(key[1])))
+    return np.array(remap, np.intp)[codes], names
 
 
 def plan_columns(
