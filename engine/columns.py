@@ -13,7 +13,7 @@ nodes form.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -37,6 +37,26 @@ NO_ATTRS: Mapping[str, Any] = MappingProxyType({})
 MAX_ARITY = max(op.arity for op in OPS.values())
 
 
+class CodedOps(Sequence[str]):
+    """An op column as codes into a legend: row i's op is `names[codes[i]]`. A packed columns
+    body sends it so (no string per row); it reads as the list of op names it stands for."""
+
+    def __init__(self, names: Sequence[str], codes: Array) -> None:
+        self.names = list(names)
+        self.codes = codes
+
+    def __len__(self) -> int:
+        return int(self.codes.size)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self.names[c] for c in self.codes[i].tolist()]
+        return self.names[int(self.codes[i])]
+
+    def __iter__(self) -> Iterator[str]:
+        return map(self.names.__getitem__, self.codes.tolist())
+
+
 class RowLocs(Sequence[Loc]):
     """Where row i sits in the request: its cell of the `op` column."""
 
@@ -54,8 +74,8 @@ class RowLocs(Sequence[Loc]):
 
 def compile_columns(
     ops: Sequence[str],
-    inputs: Sequence[Sequence[int]],
-    values: Sequence[Any],
+    inputs: Sequence[Sequence[int] | Array],
+    values: Sequence[Any] | Array,
     *,
     output: int | str | None = None,
     ids: Sequence[str] | None = None,
@@ -67,7 +87,8 @@ def compile_columns(
 
     `ops[i]` is row i's op; `inputs[k][i]` the row of its k-th operand (-1: none); `values[i]`
     a leaf's number (a float or "NaN"/"Infinity"/"-Infinity"; None on op rows); `output` a
-    row or an id (default: the last row)."""
+    row or an id (default: the last row). Packed columns come as arrays: `ops` a `CodedOps`,
+    `inputs[k]` integer arrays, `values` a float array with NaN on every op row."""
     limits = limits or Limits()
     n = len(ops)
     if limits.max_nodes and n > limits.max_nodes:
@@ -107,8 +128,8 @@ def compile_columns(
 
 def _check_lengths(
     n: int,
-    inputs: Sequence[Sequence[int]],
-    values: Sequence[Any],
+    inputs: Sequence[Sequence[int] | Array],
+    values: Sequence[Any] | Array,
     ids: Sequence[str] | None,
     attrs: Sequence[Any] | None,
 ) -> None:
@@ -136,7 +157,11 @@ class _OpColumn:
     """The op column as codes: `names` in order of first appearance, `codes[i]` row i's."""
 
     def __init__(self, ops: Sequence[str]) -> None:
-        self.names, self.codes = first_seen_codes(ops)
+        self.names: list[str]
+        self.codes: Array
+        self.names, self.codes = (
+            _first_seen_legend(ops) if isinstance(ops, CodedOps) else first_seen_codes(ops)
+        )
         for name in self.names:  # the wire schema knows the ops; check again for other callers
             if name not in LEAF_OPS and name not in OPS:
                 row = list(ops).index(name)
@@ -152,14 +177,39 @@ class _OpColumn:
         return np.flatnonzero(self.codes == self.names.index(name))
 
 
+def _first_seen_legend(ops: CodedOps) -> tuple[list[str], Array]:
+    """A legend's codes renumbered as `first_seen_codes` numbers the names (a name listed
+    twice is one op; order of first appearance), so a packed and a list body run alike."""
+    codes = ops.codes
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= len(ops.names)):
+        i = int(np.flatnonzero((codes < 0) | (codes >= len(ops.names)))[0])
+        raise GraphError(
+            f"row {i}: op code {int(codes[i])} is not an index into op.names "
+            f"(0..{len(ops.names) - 1})",
+            loc=("columns", "op", "codes", i),
+        )
+    names, by_code = first_seen_codes(ops.names)  # legend entry -> distinct name
+    merged = by_code[codes]
+    first = np.full(len(names), codes.size, np.intp)
+    np.minimum.at(first, merged, np.arange(codes.size))
+    used = np.flatnonzero(first < codes.size)
+    used = used[np.argsort(first[used], kind="stable")]  # first appearance in the rows
+    renumber = np.full(len(names), -1, np.intp)
+    renumber[used] = np.arange(used.size)
+    return [names[k] for k in used.tolist()], renumber[merged]
+
+
 def _operand_columns(
-    inputs: Sequence[Sequence[int]], arity: Array, table: _OpColumn, n: int
+    inputs: Sequence[Sequence[int] | Array], arity: Array, table: _OpColumn, n: int
 ) -> Array:
     """(MAX_ARITY, n) operand rows, -1 where a row has fewer operands. Checks that row i has
     exactly its op's arity, in the first positions, and only rows before it."""
     operands = np.full((MAX_ARITY, n), -1, np.intp)
     if inputs:
         for k, row in enumerate(inputs):
+            if isinstance(row, np.ndarray):  # a packed integer column
+                operands[k] = row
+                continue
             try:
                 operands[k] = np.fromiter(row, np.intp, n)
             except OverflowError:  # a row number past int64: no row, and -1 is "none"
@@ -198,20 +248,25 @@ def _refuse(mask: Array, operands: Array, why: str) -> None:
         )
 
 
-def _leaf_column(values: Sequence[Any], leaf_rows: Array, n: int, dtype: Any) -> Array:
+def _leaf_column(values: Sequence[Any] | Array, leaf_rows: Array, n: int, dtype: Any) -> Array:
     """Every row's value as one array (NaN on op rows). A leaf row needs a number, an op
-    row null: NumPy reads None as NaN, so only NaN cells are looked at again."""
-    column = np.fromiter(values, np.float64, n)  # 4x np.array's time when None is in it
+    row null (NaN in a packed column): NumPy reads None as NaN, so only NaN cells are looked
+    at again."""
+    packed = isinstance(values, np.ndarray)
+    # fromiter: 4x np.array's time when None is in the list
+    column = np.asarray(values, np.float64) if packed else np.fromiter(values, np.float64, n)
     is_leaf = np.zeros(n, bool)
     is_leaf[leaf_rows] = True
-    for i in np.flatnonzero(np.isnan(column) & is_leaf).tolist():
-        if values[i] is None:
-            raise GraphError(f"row {i}: a leaf row needs a value", loc=("columns", "value", i))
+    if not packed:  # a packed leaf may be NaN: a float array has no null
+        for i in np.flatnonzero(np.isnan(column) & is_leaf).tolist():
+            if values[i] is None:
+                raise GraphError(f"row {i}: a leaf row needs a value", loc=("columns", "value", i))
     given = np.flatnonzero(~is_leaf & ~np.isnan(column))
     if given.size:
         i = int(given[0])
         raise GraphError(
-            f"row {i}: an op row computes its value: give null", loc=("columns", "value", i)
+            f"row {i}: an op row computes its value: give {'NaN' if packed else 'null'}",
+            loc=("columns", "value", i),
         )
     return column.astype(dtype, copy=False)
 

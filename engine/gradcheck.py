@@ -257,7 +257,7 @@ def _perturbed_forward(
     element: tuple[int, ...],
     step: float,
     deadline: float | None = None,
-) -> list[Array] | None:
+) -> Sequence[Array] | None:
     moved = dataclasses.replace(program, leaf_values=_moved_leaves(program, leaf, element, step))
     # what the program keeps on itself (the batch plan, op rows) does not depend on values
     moved.__dict__.update({k: v for k, v in program.__dict__.items() if k.startswith("_")})

@@ -9,7 +9,6 @@ an op does. Nothing here recurses, so depth is bounded by the node limit, not th
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections import deque
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import EngineError, GraphError, LimitError, Loc, ShapeError
-from engine.ops import LEAF_OPS, OPS, Array, Shape
+from engine.ops import LEAF_OPS, OPS, Array, Shape, all_finite
 
 
 @dataclass(frozen=True)
@@ -143,10 +142,35 @@ class Result:
     (`flat_grads`: 0 for consts)."""
 
     program: Program
-    values: list[Array]
-    grads: list[Array | None]
+    values: Sequence[Array]
+    grads: Sequence[Array | None]
     flat_values: Array | None = None
     flat_grads: Array | None = None
+
+
+class ScalarColumn(Sequence[Any]):
+    """A batched run's values or gradients, read as a list of NumPy scalars would be (None
+    on the `missing` rows: consts have no gradient) but kept as one array: a list of 100k
+    scalars costs ~4 ms to build and nobody reads most of it."""
+
+    def __init__(self, column: Array, missing: Sequence[int] = ()) -> None:
+        self.column = column
+        self.missing = frozenset(missing)
+
+    def __len__(self) -> int:
+        return int(self.column.size)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(len(self))[i]]
+        if self.missing and i in self.missing:
+            return None
+        return self.column[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.missing:
+            return iter(self.column)
+        return (self[i] for i in range(len(self)))
 
 
 def op_rows(program: Program) -> dict[str, Array]:
@@ -360,7 +384,7 @@ def _check_size(limits: Limits, spec: NodeSpec, elements: int, total: int, flops
 
 def forward(
     program: Program, *, deadline: float | None = None
-) -> tuple[list[Array], list[Any] | _BatchedCaches]:
+) -> tuple[Sequence[Array], list[Any] | _BatchedCaches]:
     """Values and caches of every node, in topological order. `deadline` (a
     `time.monotonic()` value) is checked between ops (per node, or per batched group level)."""
     check_deadline(deadline)
@@ -397,7 +421,7 @@ def backward(
     output_grad: Array | None = None,
     *,
     deadline: float | None = None,
-) -> list[Array | None]:
+) -> Sequence[Array | None]:
     """d(output)/d(node) for every node but consts and `program.no_grad` (None for those).
     Gradients add up at forks. Ops that take `needs` skip the gradients of such operands."""
     n = len(program)
@@ -417,8 +441,8 @@ def backward(
         grads[out] = seed
     if isinstance(caches, _BatchedCaches):
         batched = _backward_batched(program, caches, grads[out], deadline)  # type: ignore[arg-type]
-        for i in no_grad:
-            batched[i] = None
+        if no_grad:
+            return [None if i in no_grad else g for i, g in enumerate(batched)]
         return batched
     with np.errstate(all="ignore"):
         for i in range(out, -1, -1):
@@ -484,32 +508,55 @@ def run(
 # --- level batching: scalar-heavy graphs as a few NumPy calls per level -----------------
 #
 # A graph of one-number nodes (micrograd style) spends its time in Python per node. Nodes at
-# the same topological level do not depend on each other, so every (level, op, attrs) group
-# runs as one call of the op's own forward/backward on 1-D arrays gathered from a flat value
-# buffer by index arrays; results are scattered back. Backward walks the groups in reverse
-# level order and adds each group's local gradients into a flat gradient buffer (`+=` when
-# the operand indices are distinct, `np.add.at` for fan-in within the group). Only ops marked
-# `elementwise` in the op table are batched; any other graph takes the per-node walk.
+# the same topological level do not depend on each other, so each level runs as a few NumPy
+# calls: the level's operands are gathered from a flat value buffer in one fancy index per
+# operand position, and every (op, attrs) group of the level is one call of the op's own
+# forward/backward on a slice of them. The buffer holds the op nodes in plan order (level,
+# then group), so a group's outputs are a contiguous slice, then the leaves. Backward walks
+# the levels in reverse, writes each group's local gradients into the level's slice of one
+# contribution array per operand position and scatters it into a flat gradient buffer: `+=`
+# when no operand repeats in the level, `np.add.at` otherwise. Only ops marked `elementwise`
+# in the op table are batched; any other graph takes the per-node walk.
 
 BATCH_MIN_NODES = 256  # below this the per-node walk is about as fast
 
 
-@dataclass
+@dataclass(slots=True)
 class _Group:
     op_name: str
     attrs: Mapping[str, Any]
-    out: Array  # node indices this group computes
-    operands: tuple[Array, ...]  # per operand position, the operand node indices
-    distinct: tuple[bool, ...]  # per position: no index repeats, so `buf[idx] += d` is exact
-    live: Array | None  # backward: which outputs reach the graph output (None: all do)
-    reaches: bool  # any output reaches the graph output
+    start: int  # its slice of the plan order (and of the value buffer)
+    stop: int
+    arity: int
+
+
+@dataclass(slots=True)
+class _Level:
+    start: int  # its slice of the plan order
+    stop: int
+    groups: list[_Group]
+    arity: int  # the most operands a group of it takes
+    distinct: tuple[bool, ...]  # per position: no buffer index repeats, so `+=` is exact
 
 
 @dataclass
 class _Plan:
-    levels: list[list[_Group]]
-    leaves: Array
+    """`order[p]` is the node at buffer position p (op nodes in plan order, then the leaves);
+    `position` the inverse; `operands[k][p]` the buffer position of the k-th operand of the
+    op node at p (the last slot, a scratch one, where it has none)."""
+
+    levels: list[_Level]
+    order: Array
+    position: Array
+    operands: tuple[Array, ...]
+    n_ops: int
     consts: list[int]
+    edges: tuple[Array, Array]  # the program's first and second operand rows (-1: none)
+    output: int
+
+    @property
+    def leaves(self) -> Array:
+        return self.order[self.n_ops :]
 
 
 @dataclass
@@ -518,11 +565,13 @@ class _BatchedCaches:
 
     plan: _Plan
     caches: list[list[Any]]  # [level][group]
-    values: Array  # the flat value buffer
-    grads: Array | None = None  # the flat gradient buffer, once backward ran
+    buffer: Array  # the value buffer, in plan order
+    values: Array  # the values in row order
+    grads: Array | None = None  # the gradients in row order, once backward ran
 
 
-_NOT_BATCHABLE = _Plan([], np.empty(0, np.intp), [])
+_NONE = np.empty(0, np.intp)
+_NOT_BATCHABLE = _Plan([], _NONE, _NONE, (), 0, [], (_NONE, _NONE), 0)
 
 
 def batch_plan(program: Program) -> _Plan | None:
@@ -586,56 +635,56 @@ def plan_columns(
     output: int,
     consts: list[int],
 ) -> _Plan:
-    """The level groups of a scalar program given as columns: `codes[i]` indexes `names`
+    """The level plan of a scalar program given as columns: `codes[i]` indexes `names`
     (-1: leaf), `operands` the first and second operand of each node (-1: none)."""
     n = codes.size
     inner = np.flatnonzero(codes >= 0)
     levels = _levels(inner, operands, n)
-    order = inner[np.lexsort((codes[inner], levels[inner]))]  # stable: index order inside
-    key_of = levels[order] * (len(names) + 1) + codes[order]
-    starts = np.flatnonzero(np.diff(key_of)) + 1 if order.size else np.empty(0, np.intp)
-    first_of_group = np.concatenate(([0], starts)).astype(np.intp) if order.size else starts
-    bounds = [*first_of_group.tolist(), order.size]
-    group_of = np.zeros(order.size, np.intp)
-    group_of[starts] = 1
-    group_of = np.cumsum(group_of)
-    columns = [column[order] for column in operands]  # operand indices in plan order
-    live = _reached(order, levels[order], columns, output, n)[order]
-    all_live, any_live = (
-        (
-            np.logical_and.reduceat(live, first_of_group),
-            np.logical_or.reduceat(live, first_of_group),
+    ops_order = inner[np.lexsort((codes[inner], levels[inner]))]  # stable: index order inside
+    m = ops_order.size
+    order = np.concatenate((ops_order, np.flatnonzero(codes < 0))).astype(np.intp)
+    position = np.empty(n + 1, np.intp)
+    position[order] = np.arange(n)
+    position[n] = n  # operand -1 (none) reads and writes the scratch slot n
+    buffer_operands = tuple(position[column[ops_order]] for column in operands)
+    level_of, code_of = levels[ops_order], codes[ops_order]
+    group_starts = _starts(level_of * (len(names) + 1) + code_of)
+    level_starts = _starts(level_of)
+    distinct = [
+        _distinct_per_level(level_of, column, level_starts).tolist() for column in buffer_operands
+    ]
+    arity_of = np.array([OPS[op].arity for op, _ in names], np.intp)[code_of]
+    level_arity = np.maximum.reduceat(arity_of, level_starts).tolist() if m else []
+    groups = [
+        _Group(names[code][0], names[code][1], start, stop, arity)
+        for code, start, stop, arity in zip(
+            code_of[group_starts].tolist(),
+            group_starts.tolist(),
+            [*group_starts[1:].tolist(), m][: group_starts.size],
+            arity_of[group_starts].tolist(),
+            strict=True,
         )
-        if order.size
-        else (live, live)
-    )
-    distinct = [_distinct_per_group(group_of, column, n).tolist() for column in columns]
-    group_codes = codes[order[first_of_group]].tolist()
-    group_levels = levels[order[first_of_group]].tolist()
-    arities = [OPS[op].arity for op, _ in names]
-    plan = _Plan([], np.flatnonzero(codes < 0), consts)
-    current = -1
-    for g, (code, level, all_reach, any_reach) in enumerate(
-        zip(group_codes, group_levels, all_live.tolist(), any_live.tolist(), strict=True)
-    ):
-        start, stop = bounds[g], bounds[g + 1]
-        op_name, attrs = names[code]
-        arity = arities[code]
-        if level != current:
-            current = level
-            plan.levels.append([])
-        plan.levels[-1].append(
-            _Group(
-                op_name,
-                attrs,
-                order[start:stop],
-                tuple(column[start:stop] for column in columns[:arity]),
-                tuple(d[g] for d in distinct[:arity]),
-                None if all_reach else live[start:stop],
-                any_reach,
-            )
+    ]
+    bounds = [*level_starts.tolist(), m]
+    first_group = [*np.searchsorted(group_starts, level_starts).tolist(), len(groups)]
+    plan_levels = [
+        _Level(
+            bounds[k],
+            bounds[k + 1],
+            groups[first_group[k] : first_group[k + 1]],
+            arity,
+            tuple(d[k] for d in distinct[:arity]),
         )
-    return plan
+        for k, arity in enumerate(level_arity)
+    ]
+    return _Plan(plan_levels, order, position, buffer_operands, m, consts, operands, output)
+
+
+def _starts(keys: Array) -> Array:
+    """Where each run of equal keys starts, in a sorted array."""
+    if not keys.size:
+        return np.empty(0, np.intp)
+    return np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
 
 
 def _levels(inner: Array, operands: tuple[Array, Array], n: int) -> Array:
@@ -649,91 +698,126 @@ def _levels(inner: Array, operands: tuple[Array, Array], n: int) -> Array:
     return np.array(level[:n], np.intp)
 
 
-def _reached(order: Array, levels: Array, columns: Sequence[Array], output: int, n: int) -> Array:
-    """Which nodes have a path to the output, from the op nodes in level `order` (with their
-    `levels` and operand `columns`). When the output is the only op node no other node uses,
-    every op node reaches it (each has a path to some unused node); else one pass per level,
-    from the top, marks the operands of reached nodes."""
-    reach = np.zeros(n + 1, bool)  # slot n takes the -1 (no operand) marks
-    for column in columns:
-        reach[column] = True
-    unused = order[~reach[order]]
-    reach[:] = False
-    if unused.size == 1 and unused[0] == output:
-        reach[order] = True
-        return reach[:n]
-    reach[output] = True
-    bounds = np.flatnonzero(np.diff(levels)) + 1
-    for start, stop in reversed(list(itertools.pairwise([0, *bounds.tolist(), order.size]))):
-        hit = reach[order[start:stop]]
-        if hit.any():
-            for column in columns:
-                reach[column[start:stop][hit]] = True
-    return reach[:n]
-
-
-def _distinct_per_group(group_of: Array, column: Array, n: int) -> Array:
-    """Per group: True when no operand index repeats in this column (so `+=` is exact)."""
-    groups = int(group_of[-1]) + 1 if group_of.size else 0
-    key = np.sort(group_of * (n + 1) + (column + 1))  # column + 1 in [0, n]: no overlap
+def _distinct_per_level(level_of: Array, column: Array, level_starts: Array) -> Array:
+    """Per level: True when no buffer index repeats in this operand column (so `+=` is
+    exact). The scratch slot counts: a level with a unary op repeats it."""
+    if not level_of.size:
+        return np.ones(0, bool)
+    span = int(column.max()) + 1
+    key = np.sort(level_of * span + column)
     repeated = key[1:] == key[:-1]
-    distinct = np.ones(groups, bool)
-    distinct[key[1:][repeated] // (n + 1)] = False
-    return distinct
+    distinct = np.ones(int(level_of[-1]) + 1, bool)
+    distinct[key[1:][repeated] // span] = False
+    return distinct[level_of[level_starts]]
+
+
+def _reached(plan: _Plan, n: int) -> Array:
+    """Which op positions have a path to the output: one pass per level, from the top,
+    marking the operands of reached nodes. Only asked when a gradient came out non-finite
+    (an unreached node's 0 * inf must not count)."""
+    reach = np.zeros(n + 1, bool)  # by buffer position; slot n takes the "no operand" marks
+    reach[plan.position[plan.output]] = True
+    for level in reversed(plan.levels):
+        hit = reach[level.start : level.stop]
+        if hit.any():
+            for column in plan.operands[: level.arity]:
+                reach[column[level.start : level.stop][hit]] = True
+    return reach
 
 
 def _forward_batched(
     program: Program, plan: _Plan, deadline: float | None = None
-) -> tuple[list[Array], _BatchedCaches]:
-    buf = np.empty(len(program), program.dtype)
+) -> tuple[ScalarColumn, _BatchedCaches]:
+    n, m = len(program), plan.n_ops
+    buf = np.empty(n + 1, program.dtype)  # + the scratch slot that missing operands read
+    buf[n] = 0.0
     leaf_values = program.leaf_values
+    leaves = plan.leaves
     if isinstance(leaf_values, LeafColumn):
-        buf[plan.leaves] = leaf_values.column[plan.leaves]
+        buf[m:n] = leaf_values.column[leaves]
     else:
-        buf[plan.leaves] = np.fromiter(
-            (leaf_values[i] for i in plan.leaves.tolist()), program.dtype, count=plan.leaves.size
+        buf[m:n] = np.fromiter(
+            (leaf_values[i] for i in leaves.tolist()), program.dtype, count=leaves.size
         )
     caches: list[list[Any]] = []
     with np.errstate(all="ignore"):
-        for groups in plan.levels:
+        for level in plan.levels:
             check_deadline(deadline)
+            start = level.start
+            gathered = [buf[column[start : level.stop]] for column in plan.operands[: level.arity]]
             level_caches = []
-            for group in groups:
-                operands = [buf[idx] for idx in group.operands]  # gathers: fresh arrays
-                out, cache = OPS[group.op_name].forward(*operands, **group.attrs)
-                buf[group.out] = out
+            for group in level.groups:
+                lo, hi = group.start - start, group.stop - start
+                args = [operand[lo:hi] for operand in gathered[: group.arity]]
+                out, cache = OPS[group.op_name].forward(*args, **group.attrs)
+                buf[group.start : group.stop] = out
                 level_caches.append(cache)
             caches.append(level_caches)
-    values: list[Array] = list(buf)  # NumPy scalars: 0-d arrays to every reader
-    return values, _BatchedCaches(plan, caches, buf)
+    values = buf[plan.position[:n]]
+    return ScalarColumn(values), _BatchedCaches(plan, caches, buf, values)
 
 
 def _backward_batched(
     program: Program, batched: _BatchedCaches, seed: Array, deadline: float | None = None
-) -> list[Array | None]:
+) -> ScalarColumn:
     plan = batched.plan
-    grad = np.zeros(len(program), program.dtype)
-    grad[program.output] = seed
-    with np.errstate(all="ignore"):
-        for groups, caches in zip(reversed(plan.levels), reversed(batched.caches), strict=True):
-            check_deadline(deadline)
-            for group, cache in zip(groups, caches, strict=True):
-                if not group.reaches:
-                    continue
-                local = OPS[group.op_name].backward(grad[group.out], cache)
-                for idx, distinct, d in zip(group.operands, group.distinct, local, strict=True):
-                    if d is None:
-                        continue
-                    if group.live is not None:  # an unreached node adds nothing (not 0 * inf)
-                        d = np.where(group.live, d, 0.0)
-                    if distinct:
-                        grad[idx] += d
-                    else:
-                        np.add.at(grad, idx, d)
+    n = len(program)
+    grad = _backward_levels(plan, batched.caches, seed, n, program.dtype, None, deadline)
+    if not all_finite(grad[:n]):  # redo with unreached nodes held at 0 (no 0 * inf = NaN)
+        live = _reached(plan, n)
+        grad = _backward_levels(plan, batched.caches, seed, n, program.dtype, live, deadline)
+    grads_by_row = grad[plan.position[:n]]
     if plan.consts:
-        grad[plan.consts] = 0.0  # seeded when a const is the output; it has no gradient
-    batched.grads = grad
-    grads: list[Array | None] = list(grad)
-    for i in plan.consts:
-        grads[i] = None
-    return grads
+        grads_by_row[plan.consts] = 0.0  # seeded when a const is the output; no gradient
+    batched.grads = grads_by_row
+    return ScalarColumn(grads_by_row, plan.consts)
+
+
+def _backward_levels(
+    plan: _Plan,
+    caches: list[list[Any]],
+    seed: Array,
+    n: int,
+    dtype: np.dtype[Any],
+    live: Array | None,
+    deadline: float | None,
+) -> Array:
+    """The gradient buffer (by buffer position). `live` (by position): add nothing from a
+    node without a path to the output."""
+    grad = np.zeros(n + 1, dtype)
+    grad[plan.position[plan.output]] = seed
+    with np.errstate(all="ignore"):
+        for level, level_caches in zip(reversed(plan.levels), reversed(caches), strict=True):
+            check_deadline(deadline)
+            start, stop = level.start, level.stop
+            dout = grad[start:stop]
+            single = len(level.groups) == 1
+            parts = None if single else [np.empty(stop - start, dtype) for _ in range(level.arity)]
+            for group, cache in zip(level.groups, level_caches, strict=True):
+                lo, hi = group.start - start, group.stop - start
+                local: Sequence[Array | None] = OPS[group.op_name].backward(dout[lo:hi], cache)
+                if live is not None:
+                    local = _live_only(local, live[group.start : group.stop])
+                if parts is None:
+                    parts = [np.zeros(0) if d is None else d for d in local]
+                else:
+                    for part, d in zip(parts, local, strict=False):
+                        part[lo:hi] = 0.0 if d is None else d
+            assert parts is not None
+            for column, is_distinct, part in zip(
+                plan.operands, level.distinct, parts, strict=False
+            ):
+                if not part.size:
+                    continue
+                where = column[start:stop]
+                if is_distinct:
+                    grad[where] += part
+                else:
+                    np.add.at(grad, where, part)
+    return grad
+
+
+def _live_only(local: Sequence[Array | None], live: Array) -> list[Array | None]:
+    if live.all():
+        return list(local)
+    return [None if d is None else np.where(live, d, 0.0) for d in local]

@@ -39,12 +39,17 @@ Grads = tuple[Array | None, ...]
 Needs = tuple[bool, ...]
 
 
+SMALL = 4096  # elements: below this, per-call overhead decides, not memory traffic
+
+
 def all_finite(x: Array) -> bool:
     """No NaN or infinity in x, in one read and no bool array: a sum of squares is NaN or inf
     whenever an element is, so a finite one settles it (BLAS dot, faster than isfinite);
     only an inf sum (an overflow of finite squares, or a real inf) takes the exact check."""
     if x.ndim == 0:  # scalar graphs call this per node: skip NumPy's per-call overhead
         return math.isfinite(float(x))
+    if x.size <= SMALL:  # a batched level's slice: errstate's cost is more than the read
+        return bool(np.logical_and.reduce(np.isfinite(x), axis=None))  # not .all(): 2x faster
     flat = x.reshape(-1)
     with np.errstate(all="ignore"):
         total = np.dot(flat, flat)
@@ -333,6 +338,8 @@ def relu_forward(x: Array) -> tuple[Array, Cache]:
 
 def relu_backward(dout: Array, out: Cache) -> Grads:
     passes = out > 0  # relu'(0) = 0; a NaN passes no gradient
+    if dout.size <= SMALL:  # one call; the multiply below needs its finiteness check too
+        return (np.where(passes, dout, 0.0),)
     dx = dout * passes
     if not all_finite(dx):  # inf * 0 is NaN: a blocked inf or NaN upstream must give 0
         dx = np.where(passes, dout, 0.0).astype(dout.dtype, copy=False)

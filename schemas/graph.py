@@ -184,20 +184,73 @@ class ColumnAttrs(WireModel):
     axes: list[int] | None = Field(None, description="transpose: a permutation of the axes")
 
 
+# --- packed columns: a binary array in base64 inside the JSON (as Plotly's typed arrays) ---
+
+VALUE_DTYPES = ("float64", "float32")
+ROW_DTYPES = ("int8", "int16", "int32", "int64")
+CODE_DTYPES = ("uint8", "uint16", "uint32", *ROW_DTYPES)
+PACKED_DTYPES = (*VALUE_DTYPES, *CODE_DTYPES)
+DTYPE_TEXT = "the element type, a NumPy dtype name (each column takes some of them)"
+BASE64_TEXT = (
+    "the array's bytes, little-endian (as numpy.ndarray.tobytes() writes them on x86), in "
+    "standard base64 with padding (RFC 4648 section 4)"
+)
+
+
+class PackedArray(WireModel):
+    """A column as a binary array: `dtype` names the element type, `base64` the bytes.
+    Its length is the byte count over the element size."""
+
+    dtype: Literal[PACKED_DTYPES] = Field(description=DTYPE_TEXT)  # type: ignore[valid-type]
+    base64: str = Field(description=BASE64_TEXT)
+
+
+class PackedValues(PackedArray):
+    """`columns.value` packed: NaN on every op row (a float array has no null)."""
+
+    dtype: Literal[VALUE_DTYPES] = Field(description=DTYPE_TEXT)  # type: ignore[valid-type]
+
+
+class PackedRows(PackedArray):
+    """One `columns.inputs` list packed: operand row numbers, -1 for none."""
+
+    dtype: Literal[ROW_DTYPES] = Field(description=DTYPE_TEXT)  # type: ignore[valid-type]
+
+
+class PackedCodes(PackedArray):
+    """The op codes of a `PackedOps`: each row's index into `names`."""
+
+    dtype: Literal[CODE_DTYPES] = Field(description=DTYPE_TEXT)  # type: ignore[valid-type]
+
+
+class PackedOps(WireModel):
+    """The op column as a legend and codes: row i's op is `names[codes[i]]`."""
+
+    names: Annotated[list[Literal[ALL_OPS]], Field(min_length=1)]  # type: ignore[valid-type]
+    codes: PackedCodes | list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(
+        description="one index into `names` per row, packed or as a list"
+    )
+
+
 class GraphColumns(WireModel):
     """A scalar graph as a table: row i of every column is node i. Rows are in topological
     order (every operand's row is smaller than its user's), as a micrograd-style `build_topo`
-    writes them; every leaf value is one number."""
+    writes them; every leaf value is one number. `op`, each `inputs` list and `value` may be
+    packed (`PackedArray`): a binary array in base64, no JSON number or string per row."""
 
-    op: Annotated[list[Literal[ALL_OPS]], Field(min_length=1)]  # type: ignore[valid-type]
-    inputs: list[list[int]] = Field(
+    op: Annotated[list[Literal[ALL_OPS]], Field(min_length=1)] | PackedOps = Field(  # type: ignore[valid-type]
+        description="one op per row; or packed, as `names` and one code per row",
+    )
+    inputs: list[list[int] | PackedRows] = Field(
         default_factory=list,
         max_length=3,
         description="one list per operand position, each as long as `op`: inputs[k][i] is the "
-        "row of node i's k-th operand, -1 where node i has fewer (leaves: -1 everywhere)",
+        "row of node i's k-th operand, -1 where node i has fewer (leaves: -1 everywhere); "
+        "each list may be packed",
     )
-    value: list[Number | None] = Field(
-        description="each leaf row's number (input, param, const); null on op rows"
+    value: list[Number | None] | PackedValues = Field(
+        description="each leaf row's number (input, param, const); null on op rows; packed: "
+        "NaN on op rows (a packed leaf may be NaN too)",
     )
     id: list[NodeId] | None = Field(
         None, description='the node ids (default: the row numbers as strings, "0", "1", ...)'
@@ -221,6 +274,12 @@ class ColumnsRequest(WireModel):
     thresholds: Thresholds = Thresholds()
     explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
     report: Layout = "columns"
+    encoding: Literal["lists", "packed"] = Field(
+        "lists",
+        description='how the answer writes `columns.value` and `columns.grad`: "lists" (JSON '
+        'numbers) or "packed" (a float64 `PackedArray` each; a const row\'s gradient is NaN). '
+        '"packed" needs `report: "columns"`',
+    )
 
 
 BODY_TAGS = ("graph", "expression", "columns")
@@ -361,8 +420,13 @@ class ColumnsReport(BaseModel):
         None, description="the node ids (absent for a columns body without an `id` column)"
     )
     shape: list[list[int]] | None = Field(None, description="only when a node is a tensor")
-    value: list[Tensor]
-    grad: list[Tensor | None] = Field(description="d(output)/d(node); null for const rows")
+    value: list[Tensor] | PackedArray = Field(
+        description='in row order; with `encoding: "packed"` a float64 `PackedArray`'
+    )
+    grad: list[Tensor | None] | PackedArray = Field(
+        description='d(output)/d(node); null for const rows; with `encoding: "packed"` a '
+        "float64 `PackedArray`, NaN on const rows"
+    )
 
 
 class GraphResponse(BaseModel):

@@ -31,6 +31,7 @@ from client import Answer, Client, GradiagError, GradiagUnavailable, decode
 from schemas.common import Finding, Thresholds
 from schemas.graph import GraphResponse
 from schemas.network import NetworkResponse
+from service.packed import column_length
 
 Kind = Literal["graph", "expression", "network"]
 Status = Literal["ok", "warn", "fail", "error", "skipped"]
@@ -389,8 +390,8 @@ def summary_line(results: Sequence[FileResult]) -> str:
 
 
 def node_count(g: GraphResponse) -> int:
-    if g.columns is not None:
-        return len(g.columns.value)
+    if g.columns is not None:  # lists, or packed (`encoding: "packed"`)
+        return column_length(g.columns.value)
     return len(g.nodes or {})
 
 

@@ -171,7 +171,7 @@ def clean_loc(loc: Iterable[Any], *, tag_field: str | None = None) -> tuple[Any,
         if isinstance(part, str) and "[" in part:
             skip_next = part.startswith("union[")  # followed by the branch name
             continue
-        if out and isinstance(out[-1], str) and (out[-1], part) in UNION_BRANCHES:
+        if (_union_field(out), part) in UNION_BRANCHES:
             continue
         if part in SCALAR_BRANCHES and out and (isinstance(out[-1], int) or out[-1] in SCALARS):
             continue  # a union of scalars in a list (columns.value) or in a field
@@ -183,6 +183,14 @@ def clean_loc(loc: Iterable[Any], *, tag_field: str | None = None) -> tuple[Any,
     if tag_field is not None:
         out.append(tag_field)
     return tuple(out)
+
+
+def _union_field(path: list[Any]) -> str | None:
+    """The field a union branch name would follow: the last part of the path, or the list
+    field before an index (`inputs`, 1, `PackedRows`: a union in each list item)."""
+    if path and isinstance(path[-1], int):
+        path = path[:-1]
+    return path[-1] if path and isinstance(path[-1], str) else None
 
 
 def _node_ids(body: bytes) -> Mapping[int, str]:
@@ -214,8 +222,13 @@ def engine_problem(err: EngineError) -> ProblemError:
         return ProblemError(
             422, "Over a limit", item["msg"], errors=[item], limit=err.limit, limit_value=value
         )
-    title = "Invalid expression" if err.loc[:1] == ("expression",) else "Invalid graph"
+    title = ENGINE_TITLES.get(err.loc[0] if err.loc else None, "Invalid graph")
     return ProblemError(422, title, err.message, errors=[item])
+
+
+# an EngineError's title by the first field of its loc (default: the graph); service.packed
+# raises the `encoding` one
+ENGINE_TITLES = {"expression": "Invalid expression", "encoding": "Invalid request body"}
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -27,6 +27,7 @@ from schemas.common import Thresholds as WireThresholds
 from schemas.graph import ColumnsRequest, ExpressionRequest, GraphRequest, LeafNode, Node
 from schemas.graph import GradcheckOptions as WireGradcheckOptions
 from service.config import Settings
+from service.packed import check_encoding, table_columns
 
 
 def engine_limits(settings: Settings) -> Limits:
@@ -81,18 +82,17 @@ GraphBodies = GraphRequest | ExpressionRequest | ColumnsRequest
 
 def body_program(body: GraphBodies, limits: Limits, *, max_expression_chars: int) -> Program:
     """The body's front end: the graph's nodes or the parsed expression through
-    `compile_graph`, or the table through `compile_columns`."""
+    `compile_graph`, or the table (packed columns decoded) through `compile_columns`."""
     if isinstance(body, GraphRequest):
         return compile_graph(graph_nodes(body), body.output, limits=limits)
     if isinstance(body, ColumnsRequest):
+        check_encoding(body)
         table = body.columns
         attrs = None
         if table.attrs is not None:
             attrs = [None if a is None else a.model_dump(exclude_none=True) for a in table.attrs]
         return compile_columns(
-            table.op,
-            table.inputs,
-            table.value,
+            *table_columns(table),
             output=body.output,
             ids=table.id,
             attrs=attrs,

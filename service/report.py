@@ -13,6 +13,7 @@ from engine.explain import explain_leaves, local_grads
 from engine.gradcheck import GradcheckResult
 from engine.graph import op_rows
 from engine.tensors import to_wire
+from service.packed import pack_floats
 
 
 def health(findings: list[Finding], status: str) -> dict[str, Any]:
@@ -52,37 +53,67 @@ def node_reports(result: Result) -> dict[str, dict[str, Any]]:
     return nodes
 
 
-def columns_report(result: Result, *, ids: bool) -> dict[str, Any]:
+def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[str, Any]:
     """Every node as columns, row i for node i in the program's order (a columns body's own
     row order): `value`, `grad` (null for consts), `id` when asked, `shape` when a node is a
-    tensor. A 100k-node scalar graph is two lists of floats, not 100k objects."""
+    tensor. A 100k-node scalar graph is two lists of floats, not 100k objects; `packed`:
+    two base64 strings (float64, a const's gradient NaN)."""
     program = result.program
-    values = _scalars_wire(result.values, program.shapes, result.flat_values)
-    grads = _scalars_wire(result.grads, program.shapes, result.flat_grads)
     report: dict[str, Any] = {}
     if ids:
         report["id"] = list(program.ids)
+    const_rows = op_rows(program).get("const", ())
+    if packed:
+        report["value"], report["grad"] = _packed_columns(result, const_rows)
+        return report
+    values = _scalars_wire(result.values, program.shapes, result.flat_values)
+    grads = _scalars_wire(result.grads, program.shapes, result.flat_grads)
     if values is None or grads is None:  # tensors: one nested list per node
         report["shape"] = [list(shape) for shape in program.shapes]
         values = [to_wire(v) for v in result.values]
         grads = [None if g is None else to_wire(g) for g in result.grads]
-    for i in op_rows(program).get("const", ()):
+    for i in const_rows:
         grads[i] = None
     report["value"] = values
     report["grad"] = grads
     return report
 
 
+def _packed_columns(result: Result, const_rows: Sequence[int]) -> tuple[Any, Any]:
+    """The value and grad columns packed. Only a columns body asks, and its nodes are
+    scalars (engine.columns refuses anything else), so both flat arrays always exist."""
+    shapes = result.program.shapes
+    values = _scalars_flat(result.values, shapes, result.flat_values)
+    grads = _scalars_flat(result.grads, shapes, result.flat_grads)
+    if values is None or grads is None:
+        raise ValueError("a packed answer holds scalar nodes only")
+    if len(const_rows):
+        grads = grads.copy()  # the run's own array stays as it is
+        grads[np.asarray(const_rows, np.intp)] = np.nan  # no null in a float array
+    return pack_floats(values), pack_floats(grads)
+
+
+def _scalars_flat(
+    arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]], flat: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Scalar graphs: every value as one float64 array (the run's `flat` array when it kept
+    one; a const's missing gradient is a NaN). None when a node is a tensor."""
+    if flat is not None:
+        return flat
+    if any(shapes):  # a shape () is falsy: all scalars
+        return None
+    return np.array([np.nan if a is None else a for a in arrays], dtype=np.float64)
+
+
 def _scalars_wire(
     arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]], flat: np.ndarray | None = None
 ) -> list[Any] | None:
-    """Scalar graphs: every value as a float in one NumPy call (from the run's `flat` array
-    when it kept one), non-finite ones as their strings (a const's missing gradient is a NaN
-    nobody reads). None when a node is a tensor: then `to_wire` each."""
+    """`_scalars_flat` as wire numbers in one NumPy call, non-finite ones as their strings
+    (a const's missing gradient is a NaN nobody reads). None when a node is a tensor: then
+    `to_wire` each."""
+    flat = _scalars_flat(arrays, shapes, flat)
     if flat is None:
-        if any(shapes):  # a shape () is falsy: all scalars
-            return None
-        flat = np.array([np.nan if a is None else a for a in arrays], dtype=np.float64)
+        return None
     bad = np.flatnonzero(~np.isfinite(flat))
     if bad.size > 64:  # many: NumPy puts the strings in (a const's NaN stays unused)
         wired: list[Any] = to_wire(flat)
@@ -101,8 +132,10 @@ def graph_report(
     explain: bool = False,
     layout: str = "nodes",
     column_ids: bool = True,
+    encoding: str = "lists",
 ) -> dict[str, Any]:
-    """The /v1/graph answer; `layout` "columns" puts `columns` where `nodes` would be."""
+    """The /v1/graph answer; `layout` "columns" puts `columns` where `nodes` would be,
+    `encoding` "packed" writes its value and grad as base64 float64 arrays."""
     program = result.program
     out = program.output
     relu, sigmoid, tanh = diagnostics.relu, diagnostics.sigmoid, diagnostics.tanh
@@ -113,7 +146,7 @@ def graph_report(
             "shape": list(program.shapes[out]),
         },
         **(
-            {"columns": columns_report(result, ids=column_ids)}
+            {"columns": columns_report(result, ids=column_ids, packed=encoding == "packed")}
             if layout == "columns"
             else {"nodes": node_reports(result)}
         ),

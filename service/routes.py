@@ -64,6 +64,7 @@ def graph_report_of_request(*, layout: str | None = None) -> dict[str, Any]:
         explain=done.explain,
         layout=layout or body.report,
         column_ids=not isinstance(body, ColumnsRequest) or body.columns.id is not None,
+        encoding=body.encoding if isinstance(body, ColumnsRequest) else "lists",
     )
 
 

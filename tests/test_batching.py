@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from engine import graph
 from engine.diagnostics import Thresholds, graph_diagnostics
+from engine.explain import local_grads
 from engine.graph import NodeSpec, batch_plan, compile_graph, run
 
 UNARY = ["identity", "neg", "exp", "log", "sqrt", "square", "abs", "reciprocal", "relu",
@@ -207,8 +208,9 @@ def test_scalar_diagnostics_exploding_and_nonfinite_leaves() -> None:
 
 
 def test_plan_groups_repeat_operands_with_add_at() -> None:
-    """x * x and two nodes of one group sharing an operand: the group is marked not distinct,
-    so backward accumulates with np.add.at (d(x*x)/dx = 2x, and both users add up)."""
+    """x * x and two nodes of one level sharing an operand: the level is marked not
+    distinct, so backward accumulates with np.add.at (d(x*x)/dx = 2x, and both users add
+    up)."""
     specs = [NodeSpec("x", "input", value=np.asarray(1.5))]
     specs += [NodeSpec("c", "param", value=np.asarray(-0.5))]
     specs += [NodeSpec(f"pad{k}", "param", value=np.asarray(0.1 * k)) for k in range(300)]
@@ -217,8 +219,58 @@ def test_plan_groups_repeat_operands_with_add_at() -> None:
     program = compile_graph(specs, "s")
     plan = batch_plan(program)
     assert plan is not None
-    (muls,) = [g for g in plan.levels[0] if g.op_name == "mul"]
-    assert muls.distinct == (False, True)  # x twice in the first position; x, c distinct
+    (level,) = [level for level in plan.levels if any(g.op_name == "mul" for g in level.groups)]
+    assert level.distinct == (False, True)  # x twice in the first position; x, c distinct
     result = run(program)
     x = program.ids.index("x")
     assert float(result.grads[x]) == pytest.approx(2 * 1.5 - 0.5)  # 2x + c
+
+
+def test_an_unreached_infinite_local_gradient_adds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqrt(0) has local gradient inf. Beside the output (not on its path) its gradient 0 times
+    inf would be NaN in x's gradient; backward runs again with unreached nodes held at 0."""
+    specs = [
+        NodeSpec("x", "input", value=np.asarray(0.0)),
+        NodeSpec("y", "input", value=np.asarray(2.0)),
+    ]
+    specs += [NodeSpec(f"pad{k}", "param", value=np.asarray(0.5)) for k in range(300)]
+    specs += [NodeSpec("root", "sqrt", ("x",)), NodeSpec("xy", "mul", ("x", "y"))]
+    specs += [NodeSpec("out", "add", ("xy", "y"))]
+    batched, plain = both_paths(specs, "out", monkeypatch)
+    assert_same(batched, plain)
+    x = batched.program.ids.index("x")
+    assert float(batched.grads[x]) == 2.0  # d(xy + y)/dx = y; nothing from sqrt
+    assert float(batched.grads[batched.program.ids.index("root")]) == 0.0
+    assert float(batched.values[batched.program.ids.index("root")]) == 0.0  # sqrt(0)
+
+
+def test_batched_results_read_as_lists() -> None:
+    """A batched run keeps values and gradients as arrays; they read as the per-node lists
+    do: NumPy scalars by index, None for a const's gradient, slices and iteration."""
+    specs = random_dag(11, 400)
+    result = run(compile_graph(specs, specs[-1].id))
+    assert result.flat_values is not None and result.flat_grads is not None
+    consts = [i for i, spec in enumerate(specs) if spec.op == "const"]
+    assert consts and all(result.grads[i] is None for i in consts)
+    assert len(result.values) == len(result.grads) == len(specs)
+    assert [float(v) for v in result.values] == result.flat_values.tolist()
+    listed = list(result.grads)
+    assert [g is None for g in listed] == [i in consts for i in range(len(specs))]
+    assert [float(g) for g in result.grads[20:30] if g is not None] == [
+        result.flat_grads[i] for i in range(20, 30) if i not in consts
+    ]
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_local_gradients_of_a_batched_run_match_the_plain_walk(
+    safe: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report's local derivatives, read off the flat columns for a batched run, are the
+    per-node path's: same keys (x * x: one key, the two derivatives summed), same numbers."""
+    specs = random_dag(21, 700, safe=safe)
+    batched, plain = both_paths(specs, specs[-1].id, monkeypatch)
+    fast, slow = local_grads(batched), local_grads(plain)
+    assert fast.keys() == slow.keys() and len(fast) == 700 - 20
+    for i, grads in slow.items():
+        assert fast[i].keys() == grads.keys(), i
+        np.testing.assert_array_equal(list(fast[i].values()), list(grads.values()), err_msg=str(i))
