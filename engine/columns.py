@@ -58,10 +58,12 @@ class CodedOps(Sequence[str]):
 
 
 class RowLocs(Sequence[Loc]):
-    """Where row i sits in the request: its cell of the `op` column."""
+    """Where row i sits in the request, `(*prefix, i)`: by default its cell of the `op`
+    column; a nodes body's table (service.frontend) says `("nodes", i)`, as compile_graph."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, prefix: Loc = ("columns", "op")) -> None:
         self.n = n
+        self.prefix = tuple(prefix)
 
     def __len__(self) -> int:
         return self.n
@@ -69,7 +71,9 @@ class RowLocs(Sequence[Loc]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[k] for k in range(self.n)[i]]
-        return ("columns", "op", i % self.n)
+        # range: negative rows count from the end, and past the end is an IndexError, so
+        # iterating (Sequence's __iter__ reads until IndexError) stops after n locs
+        return (*self.prefix, range(self.n)[i])
 
 
 def compile_columns(
@@ -82,13 +86,15 @@ def compile_columns(
     attrs: Sequence[Mapping[str, Any] | None] | None = None,
     limits: Limits | None = None,
     dtype: np.dtype[Any] | type = np.float64,
+    locs: Sequence[Loc] | None = None,
 ) -> Program:
     """Check a table and make it a program (and its batching plan) without a per-row object.
 
     `ops[i]` is row i's op; `inputs[k][i]` the row of its k-th operand (-1: none); `values[i]`
     a leaf's number (a float or "NaN"/"Infinity"/"-Infinity"; None on op rows); `output` a
     row or an id (default: the last row). Packed columns come as arrays: `ops` a `CodedOps`,
-    `inputs[k]` integer arrays, `values` a float array with NaN on every op row."""
+    `inputs[k]` integer arrays, `values` a float array with NaN on every op row. `locs[i]`:
+    where row i sits in the request, for errors the run raises (default: its `op` cell)."""
     limits = limits or Limits()
     n = len(ops)
     if limits.max_nodes and n > limits.max_nodes:
@@ -116,7 +122,7 @@ def compile_columns(
         attrs=row_attrs,
         shapes=[()] * n,
         leaf_values=LeafColumn(column, leaf_rows),
-        locs=RowLocs(n),
+        locs=RowLocs(n) if locs is None else locs,
         output=_output_row(output, row_ids, n),
         dtype=np.dtype(dtype),
         flops=flops,

@@ -1,7 +1,9 @@
 """A validated graph as a small compiled program, and its forward and backward walks.
 
 `compile_graph` checks a list of `NodeSpec`s (ids, ops, arity, references, cycles, shapes,
-limits) and numbers the nodes 0..n-1 in topological order. `forward` walks that order once;
+limits) and numbers the nodes 0..n-1 in topological order: the request's own order when it
+already is one (every operand before its user), otherwise Kahn's order, ties in request
+order. `forward` walks that order once;
 `backward` walks it once in reverse, each op adding its vector-Jacobian product into its
 operands' gradient slots. The op table (`engine.ops.OPS`) is the only place that knows what
 an op does. Nothing here recurses, so depth is bounded by the node limit, not the stack.
@@ -200,6 +202,10 @@ def compile_graph(
     dtype: np.dtype[Any] | type = np.float64,
     no_grad: frozenset[str] = frozenset(),
 ) -> Program:
+    """Check the nodes and number them 0..n-1 in topological order. Nodes keep the request's
+    order when it is topological; otherwise Kahn's order, ties in request order. So a graph
+    written operands first (as micrograd's `build_topo` writes it) keeps its numbering, and
+    the columns front end (engine.columns) numbers the same graph alike."""
     if limits.max_nodes and len(nodes) > limits.max_nodes:
         raise LimitError(
             f"the graph has {len(nodes)} nodes; the limit is {limits.max_nodes}",
@@ -212,13 +218,13 @@ def compile_graph(
     if output not in index:
         raise GraphError(f"output {output!r} is not the id of any node", loc=("output",))
     order = _topological_order(nodes, operands_by_request)
-    position = {old: new for new, old in enumerate(order)}
+    position, operands = _renumbered(order, operands_by_request)
     ordered = [nodes[k] for k in order]
     leaf_values: dict[int, Array] = {}  # filled by _infer_shapes
     program = Program(
         ids=[spec.id for spec in ordered],
         ops=[spec.op for spec in ordered],
-        operands=[tuple(position[j] for j in operands_by_request[k]) for k in order],
+        operands=operands,
         attrs=[dict(spec.attrs) for spec in ordered],
         shapes=[],
         leaf_values=leaf_values,
@@ -286,8 +292,14 @@ def _check_node(spec: NodeSpec, index: Mapping[str, int]) -> tuple[int, ...]:
     return tuple(operands)
 
 
-def _topological_order(nodes: Sequence[NodeSpec], operands: Sequence[tuple[int, ...]]) -> list[int]:
-    """Kahn's algorithm over request indices; ties keep request order. Names a cycle."""
+def _topological_order(
+    nodes: Sequence[NodeSpec], operands: Sequence[tuple[int, ...]]
+) -> Sequence[int]:
+    """The request indices in topological order: the request's own order (a `range`) when
+    every operand comes before its user, else Kahn's algorithm, ties in request order (FIFO,
+    so it would put every leaf first). Names a cycle."""
+    if all(j < k for k, ins in enumerate(operands) for j in ins):
+        return range(len(nodes))
     n = len(nodes)
     users: list[list[int]] = [[] for _ in range(n)]
     pending = [0] * n
@@ -310,6 +322,19 @@ def _topological_order(nodes: Sequence[NodeSpec], operands: Sequence[tuple[int, 
         first = nodes[cycle[0]]
         raise GraphError(f"the graph has a cycle: {names}", loc=first.loc, node=first.id)
     return order
+
+
+def _renumbered(
+    order: Sequence[int], operands_by_request: list[tuple[int, ...]]
+) -> tuple[Sequence[int], list[tuple[int, ...]]]:
+    """Each request index's new row, and every row's operand rows. The request's own order
+    (the usual case) needs no renumbering."""
+    if isinstance(order, range):
+        return order, operands_by_request
+    position = [0] * len(order)
+    for new, old in enumerate(order):
+        position[old] = new
+    return position, [tuple(position[j] for j in operands_by_request[k]) for k in order]
 
 
 def _find_cycle(operands: Sequence[tuple[int, ...]], pending: Sequence[int]) -> list[int]:

@@ -1,14 +1,24 @@
 """The front ends of POST /v1/graph: a validated wire body becomes an engine program (graph
 JSON node by node through `NodeSpec`s, an expression through `engine.expression`, a table
 through `engine.columns`), and `diagnose` runs it: forward, backward, diagnostics, and the
-gradient check when asked."""
+gradient check when asked.
+
+A big all-scalar graph JSON in topological order (micrograd style) is also a table: it goes
+through `engine.columns` too (`scalar_nodes_program`), without a `NodeSpec` or a 0-d array
+per node, and gives the program `compile_graph` would give."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
+from itertools import chain
+from typing import Any, get_args
+
+import numpy as np
 
 from engine import (
+    LEAF_OPS,
+    OPS,
+    EngineError,
     GraphDiagnostics,
     Limits,
     NodeSpec,
@@ -19,9 +29,11 @@ from engine import (
     graph_diagnostics,
     run,
 )
-from engine.columns import compile_columns
+from engine import graph as engine_graph
+from engine.columns import RowLocs, compile_columns
 from engine.expression import parse_expression
 from engine.gradcheck import GradcheckOptions, GradcheckResult, evaluation_budget, gradcheck
+from engine.ops import Array
 from engine.tensors import to_array
 from schemas.common import Thresholds as WireThresholds
 from schemas.graph import ColumnsRequest, ExpressionRequest, GraphRequest, LeafNode, Node
@@ -53,11 +65,91 @@ def graph_nodes(request: GraphRequest) -> list[NodeSpec]:
             value = to_array(node.value, (*loc, "value"), node=node.id)
             specs.append(NodeSpec(node.id, node.op, value=value, loc=loc))
         else:
-            # a class lookup, not hasattr: a missing attribute costs Pydantic an exception
-            has_attrs = type(node) in NODES_WITH_ATTRS
-            attrs = node.attrs.model_dump(exclude_defaults=True) if has_attrs else {}
+            attrs = node_attrs(node)
             specs.append(NodeSpec(node.id, node.op, tuple(node.inputs), attrs, loc=loc))
     return specs
+
+
+def node_attrs(node: Any) -> dict[str, Any]:
+    """A node's settings as the engine takes them: only those off their default."""
+    # a class lookup, not hasattr: a missing attribute costs Pydantic an exception
+    if type(node) in NODES_WITH_ATTRS:
+        attrs: dict[str, Any] = node.attrs.model_dump(exclude_defaults=True)
+        return attrs
+    return {}
+
+
+def graph_program(request: GraphRequest, limits: Limits) -> Program:
+    """A nodes body's program: through the table when `scalar_nodes_program` takes the body,
+    else node by node through `compile_graph`."""
+    program = scalar_nodes_program(request, limits)
+    if program is None:
+        program = compile_graph(graph_nodes(request), request.output, limits=limits)
+    return program
+
+
+# the most operands an elementwise op takes: the operand columns of an all-elementwise table
+ELEMENTWISE_ARITY = max(op.arity for op in OPS.values() if op.elementwise)
+
+
+def scalar_nodes_program(request: GraphRequest, limits: Limits) -> Program | None:
+    """A big graph of one-number leaves and elementwise ops, in topological request order, as
+    `engine.columns` compiles a table: whole-column checks, no `NodeSpec` or 0-d array per
+    node. The same program as `compile_graph`'s (ids, request order, output, leaf values,
+    `("nodes", k)` locs, level plan). None for any other body, and whenever the table route
+    refuses it (unknown or duplicate id, not topological, a limit): the per-node route then
+    answers, so an error is the same whichever route a body looked fit for."""
+    nodes = request.nodes
+    # read at call time: a test forcing the per-node walk patches engine.graph's constant
+    if len(nodes) < engine_graph.BATCH_MIN_NODES:
+        return None
+    ops = [node.op for node in nodes]
+    if not all(op in LEAF_OPS or OPS[op].elementwise for op in set(ops)):
+        return None
+    values = [node.value if type(node) is LeafNode else None for node in nodes]
+    if list in set(map(type, values)):  # a tensor leaf
+        return None
+    ids = [node.id for node in nodes]
+    inputs = _operand_rows(nodes, ids)
+    if inputs is None or not _in_topological_order(inputs):
+        return None
+    with_attrs = not NODES_WITH_ATTRS.isdisjoint(set(map(type, nodes)))
+    try:
+        return compile_columns(
+            ops,
+            inputs,
+            values,
+            output=request.output,
+            ids=ids,
+            attrs=[node_attrs(node) for node in nodes] if with_attrs else None,
+            limits=limits,
+            locs=RowLocs(len(nodes), ("nodes",)),
+        )
+    except EngineError:
+        return None
+
+
+def _operand_rows(nodes: list[Node], ids: list[str]) -> list[Array] | None:
+    """`inputs[k][i]`: the row of node i's k-th operand (-1: none), or None when an input
+    names no node. A duplicated id maps to one of its rows; compile_columns refuses it.
+    Every input id is looked up in one C-level map; NumPy spreads them into columns."""
+    row = dict(zip(ids, range(len(ids)), strict=True))
+    operands = [() if type(node) is LeafNode else node.inputs for node in nodes]
+    arity = np.fromiter(map(len, operands), np.intp, len(operands))
+    try:
+        named = np.fromiter(map(row.__getitem__, chain.from_iterable(operands)), np.intp)
+    except KeyError:
+        return None
+    flat = np.append(named, -1)  # the -1 a missing operand reads
+    starts = np.cumsum(arity) - arity
+    return [flat[np.where(arity > k, starts + k, flat.size - 1)] for k in range(ELEMENTWISE_ARITY)]
+
+
+def _in_topological_order(inputs: list[Array]) -> bool:
+    """Every operand's row before its user's. Otherwise compile_graph sorts the nodes; the
+    table route would only refuse them, after some work."""
+    rows = np.arange(inputs[0].size)
+    return not any((column >= rows).any() for column in inputs)
 
 
 def engine_thresholds(wire: WireThresholds) -> Thresholds:
@@ -84,7 +176,7 @@ def body_program(body: GraphBodies, limits: Limits, *, max_expression_chars: int
     """The body's front end: the graph's nodes or the parsed expression through
     `compile_graph`, or the table (packed columns decoded) through `compile_columns`."""
     if isinstance(body, GraphRequest):
-        return compile_graph(graph_nodes(body), body.output, limits=limits)
+        return graph_program(body, limits)
     if isinstance(body, ColumnsRequest):
         check_encoding(body)
         table = body.columns

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from engine import OPS, GraphDiagnostics, Result
+from engine import OPS, GraphDiagnostics, Program, Result
 from engine.diagnostics import Finding, GateStats
 from engine.explain import explain_leaves, local_grads
 from engine.gradcheck import GradcheckResult
-from engine.graph import op_rows
+from engine.graph import OperandRows, ScalarColumn, batch_plan, op_rows
 from engine.tensors import to_wire
 from service.packed import pack_floats
 
@@ -27,30 +28,113 @@ def health(findings: list[Finding], status: str) -> dict[str, Any]:
 
 
 def node_reports(result: Result) -> dict[str, dict[str, Any]]:
+    """Every node keyed by id, in the program's order: `op`, `shape`, `value`, `grad` (not
+    for a const or a `no_grad` leaf), `role`, `inputs` (op nodes), `local_grad` (scalar op
+    nodes). Each field is first made for all rows at once (NumPy, C-level maps), then one
+    dict per node: per-row lookups were most of a 100k-node graph's report time."""
     program = result.program
-    local = local_grads(result)
-    values = _scalars_wire(result.values, program.shapes, result.flat_values)
-    grads = _scalars_wire(result.grads, program.shapes, result.flat_grads)
+    ids = list(program.ids)  # a columns body's `RowIds` would make each id per lookup
+    grads = _wire_rows(result.grads, program.shapes, result.flat_grads)
+    for i in _gradless_rows(result):
+        grads[i] = _ABSENT
     roles = {op: OPS[op].role if op in OPS else "leaf" for op in set(program.ops)}
-    ids = program.ids
+    rows = zip(
+        ids,
+        program.ops,
+        [list(shape) for shape in program.shapes],
+        _wire_rows(result.values, program.shapes, result.flat_values),
+        grads,
+        map(roles.__getitem__, program.ops),
+        _input_ids(program, ids),
+        _local_grad_rows(result),
+        strict=True,
+    )
     nodes: dict[str, dict[str, Any]] = {}
-    for i, node_id in enumerate(ids):
-        op = program.ops[i]
-        report: dict[str, Any] = {
-            "op": op,
-            "shape": list(program.shapes[i]),
-            "value": values[i] if values is not None else to_wire(result.values[i]),
-        }
-        grad = result.grads[i]
-        if grad is not None:
-            report["grad"] = grads[i] if grads is not None else to_wire(grad)
-        report["role"] = roles[op]
-        if program.operands[i]:
-            report["inputs"] = [ids[j] for j in program.operands[i]]
-        if i in local:
-            report["local_grad"] = {name: to_wire(d) for name, d in local[i].items()}
+    for node_id, op, shape, value, grad, role, inputs, local in rows:
+        report = {"op": op, "shape": shape, "value": value}
+        if grad is not _ABSENT:
+            report["grad"] = grad
+        report["role"] = role
+        if inputs:
+            report["inputs"] = inputs
+        if local is not None:
+            report["local_grad"] = local
         nodes[node_id] = report
     return nodes
+
+
+_ABSENT = object()  # a row without a gradient: no `grad` key (None would be `null`)
+
+
+def _wire_rows(
+    arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]], flat: np.ndarray | None
+) -> list[Any]:
+    """Every row's array as wire numbers (None stays None): one NumPy call for scalar
+    graphs, `to_wire` per row for tensors. A fresh list the caller may change."""
+    wire = _scalars_wire(arrays, shapes, flat)
+    if wire is None:
+        wire = [None if a is None else to_wire(a) for a in arrays]
+    return wire
+
+
+def _gradless_rows(result: Result) -> Collection[int]:
+    """The rows whose gradient is None: a batched run's column knows them (its consts)."""
+    if isinstance(result.grads, ScalarColumn):
+        return result.grads.missing
+    return [i for i, grad in enumerate(result.grads) if grad is None]
+
+
+def _input_ids(program: Program, ids: list[str]) -> list[list[str] | None]:
+    """Each row's operand ids, in order (None for a leaf). A table's `OperandRows` or a
+    batched run's plan hold them as operand columns: read those, the rows of each arity
+    at once with C-level maps, rather than a tuple per row."""
+    columns = _operand_columns(program)
+    if columns is None:
+        return [[ids[j] for j in ins] if ins else None for ins in program.operands]
+    arity = (np.asarray(columns) >= 0).sum(axis=0)  # operands fill the first positions
+    inputs: list[list[str] | None] = [None] * len(ids)
+    for k in range(1, len(columns) + 1):
+        rows = np.flatnonzero(arity == k)
+        named = [map(ids.__getitem__, column[rows].tolist()) for column in columns[:k]]
+        for i, names in zip(rows.tolist(), map(list, zip(*named, strict=True)), strict=True):
+            inputs[i] = names
+    return inputs
+
+
+def _operand_columns(program: Program) -> list[np.ndarray] | None:
+    """`columns[k][i]`: row i's k-th operand (-1: none), when the program has them."""
+    if isinstance(program.operands, OperandRows):
+        return list(program.operands.columns)
+    plan = batch_plan(program)  # built by the run already; its ops take at most 2 operands
+    return None if plan is None else list(plan.edges)
+
+
+def _local_grad_rows(result: Result) -> list[dict[str, Any] | None]:
+    """Each row's `local_grad` (None where it has none). `local_grads` gives plain floats,
+    the wire numbers already: only a dict holding a non-finite one is rewritten."""
+    local = local_grads(result)
+    rows: list[dict[str, Any] | None] = [None] * len(result.program)
+    for i, grads in local.items():
+        rows[i] = grads
+    for i in _not_wire_ready(local):
+        rows[i] = {name: to_wire(d) for name, d in local[i].items()}
+    return rows
+
+
+def _not_wire_ready(local: dict[int, dict[str, float]]) -> list[int]:
+    """The rows whose local gradients are not all finite plain floats: one pass over all of
+    them in NumPy, then only those rows in Python."""
+    dicts = list(local.values())
+    numbers = list(chain.from_iterable(map(dict.values, dicts)))
+    if set(map(type, numbers)) - {float}:
+        return list(local)
+    nonfinite = np.flatnonzero(~np.isfinite(np.array(numbers, np.float64)))
+    if not nonfinite.size:
+        return []
+    ends = np.cumsum(list(map(len, dicts)))  # where each row's numbers end in `numbers`
+    owners = np.unique(np.searchsorted(ends, nonfinite, side="right"))
+    keys = list(local)
+    return [keys[k] for k in owners.tolist()]
 
 
 def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[str, Any]:
@@ -66,12 +150,10 @@ def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[s
     if packed:
         report["value"], report["grad"] = _packed_columns(result, const_rows)
         return report
-    values = _scalars_wire(result.values, program.shapes, result.flat_values)
-    grads = _scalars_wire(result.grads, program.shapes, result.flat_grads)
-    if values is None or grads is None:  # tensors: one nested list per node
+    if any(program.shapes):  # tensors: one nested list per node (a shape () is falsy)
         report["shape"] = [list(shape) for shape in program.shapes]
-        values = [to_wire(v) for v in result.values]
-        grads = [None if g is None else to_wire(g) for g in result.grads]
+    values = _wire_rows(result.values, program.shapes, result.flat_values)
+    grads = _wire_rows(result.grads, program.shapes, result.flat_grads)
     for i in const_rows:
         grads[i] = None
     report["value"] = values

@@ -405,8 +405,8 @@ def test_random_table_matches_the_nodes_body(
     assert answer["parameters"]["tensors"] == columns["op"].count("param")  # unused one too
     for gate in ("relu", "sigmoid", "tanh"):
         assert answer["diagnostics"][gate] == expected["diagnostics"][gate]
-    # The nodes body re-sorts the nodes (Kahn's algorithm); the table keeps its rows. The same
-    # ids and findings, each list in its own topological order
+    # The table keeps its rows, and so does the nodes body (its request order is topological
+    # here); the same ids and findings, each list in its own topological order
     nonfinite = answer["diagnostics"]["nonfinite_nodes"]
     assert sorted(nonfinite) == sorted(expected["diagnostics"]["nonfinite_nodes"])
     assert nonfinite == [i for i in columns["id"] if i in set(nonfinite)]
