@@ -224,8 +224,9 @@ def _operand_columns(
                     f"row {i}: input {k} is {row[i]}; an operand is a row number, or -1 for none",
                     loc=("columns", "inputs", k, i),
                 ) from None
-    _refuse(operands < -1, operands, "an operand is a row number, or -1 for none")
-    present = operands >= 0
+    given = operands[: len(inputs)]  # the rows after them are all -1: nothing to check
+    _refuse(given < -1, operands, "an operand is a row number, or -1 for none")
+    present = given >= 0
     count = present.sum(axis=0)
     wrong = np.flatnonzero(count != arity)
     if wrong.size:
@@ -234,21 +235,26 @@ def _operand_columns(
             f"row {i}: {table.names[table.codes[i]]} takes {arity[i]} input(s), got {count[i]}",
             loc=("columns", "inputs"),
         )
-    gaps = np.zeros_like(present)
-    gaps[1:] = present[1:] & ~present[:-1]
-    _refuse(gaps, operands, "operands fill the first positions: -1 only after the last one")
-    later = operands >= np.arange(n)
     _refuse(
-        later, operands, "rows are in topological order: an operand's row comes before its user"
+        present[1:] & ~present[:-1],
+        operands,
+        "operands fill the first positions: -1 only after the last one",
+        first=1,
+    )
+    _refuse(
+        given >= np.arange(n),
+        operands,
+        "rows are in topological order: an operand's row comes before its user",
     )
     return operands
 
 
-def _refuse(mask: Array, operands: Array, why: str) -> None:
-    """A GraphError at the first (position, row) the mask marks, if any."""
-    where = np.argwhere(mask)
-    if where.size:
-        k, i = (int(x) for x in where[0])
+def _refuse(mask: Array, operands: Array, why: str, first: int = 0) -> None:
+    """A GraphError at the first (position, row) the mask marks, if any (`first`: the
+    position of the mask's first row)."""
+    if mask.any():  # one pass; argwhere only on the way to an error
+        k, i = (int(x) for x in np.argwhere(mask)[0])
+        k += first
         raise GraphError(
             f"row {i}: input {k} is {operands[k, i]}; {why}", loc=("columns", "inputs", k, i)
         )
