@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -64,50 +66,34 @@ def _batched_local_grads(result: Result, edges: tuple[Array, Array]) -> dict[int
     codes, names = kinds
     order = np.argsort(codes, kind="stable")
     starts = np.searchsorted(codes[order], np.arange(len(names) + 1))
-    ids = program.ids
     local: dict[int, LocalGrads] = {}
     for code, (op_name, attrs) in enumerate(names):
         rows = order[starts[code] : starts[code + 1]]
         op = OPS[op_name]
         operand_rows = [edge[rows] for edge in edges[: op.arity]]
         operands = [result.flat_values[column] for column in operand_rows]
-        try:
-            with np.errstate(all="ignore"):
-                out, cache = op.forward(*operands, **attrs)
-                derivatives = op.backward(np.ones_like(out), cache)
-        except EngineError:
-            continue
-        columns = [
-            (column.tolist(), np.broadcast_to(d, rows.shape).tolist())
-            for column, d in zip(operand_rows, derivatives, strict=True)
-            if d is not None
-        ]
-        for row, i in enumerate(rows.tolist()):
-            grads: LocalGrads = {}
-            for operand_column, d_column in columns:
-                name = ids[operand_column[row]]
-                grads[name] = grads.get(name, 0.0) + d_column[row]
-            local[i] = grads
+        derivatives = _derivatives(op_name, operands, attrs)
+        if derivatives is not None:
+            columns = [
+                None if d is None else np.broadcast_to(d, rows.shape).tolist() for d in derivatives
+            ]
+            _record(local, program.ids, rows.tolist(), [c.tolist() for c in operand_rows], columns)
     return local
 
 
 def _apply(result: Result, nodes: list[int], local: dict[int, LocalGrads]) -> None:
     program = result.program
     first = nodes[0]
-    op = OPS[program.ops[first]]
     arity = len(program.operands[first])
+    operand_rows = [[program.operands[i][k] for i in nodes] for k in range(arity)]
     if len(nodes) == 1:
         operands = [result.values[j] for j in program.operands[first]]
     else:
         operands = [
-            np.array([result.values[program.operands[i][k]] for i in nodes], program.dtype)
-            for k in range(arity)
+            np.array([result.values[j] for j in column], program.dtype) for column in operand_rows
         ]
-    try:
-        with np.errstate(all="ignore"):
-            out, cache = op.forward(*operands, **program.attrs[first])
-            derivatives = op.backward(np.ones_like(out), cache)
-    except EngineError:
+    derivatives = _derivatives(program.ops[first], operands, program.attrs[first])
+    if derivatives is None:
         return
     # one list of floats per operand position (a scalar broadcast to every row), not a NumPy
     # call per node: a 100k-node graph's report spent most of its time here
@@ -117,13 +103,39 @@ def _apply(result: Result, nodes: list[int], local: dict[int, LocalGrads]) -> No
         else (np.broadcast_to(d, (len(nodes),)).tolist() if len(nodes) > 1 else [float(np.sum(d))])
         for d in derivatives
     ]
-    ids = program.ids
+    _record(local, program.ids, nodes, operand_rows, columns)
+
+
+def _derivatives(
+    op_name: str, operands: Sequence[Array], attrs: Mapping[str, Any]
+) -> tuple[Array | None, ...] | None:
+    """d(op)/d(each operand) at these operands, elementwise: the op's own backward with an
+    upstream gradient of 1 (None when the op refuses the operands)."""
+    op = OPS[op_name]
+    try:
+        with np.errstate(all="ignore"):
+            out, cache = op.forward(*operands, **attrs)
+            derivatives: tuple[Array | None, ...] = op.backward(np.ones_like(out), cache)
+    except EngineError:
+        return None
+    return derivatives
+
+
+def _record(
+    local: dict[int, LocalGrads],
+    ids: Sequence[str],
+    nodes: list[int],
+    operand_rows: list[list[int]],
+    derivatives: list[list[float] | None],
+) -> None:
+    """Node nodes[r]'s {operand id: derivative} from position k's operand_rows[k][r] and
+    derivatives[k][r]; an operand in two positions (x * x) gets their sum."""
     for row, i in enumerate(nodes):
         grads: LocalGrads = {}
-        for column, j in zip(columns, program.operands[i], strict=True):
+        for rows, column in zip(operand_rows, derivatives, strict=True):
             if column is None:
                 continue
-            name = ids[j]
+            name = ids[rows[row]]
             grads[name] = grads.get(name, 0.0) + column[row]
         local[i] = grads
 

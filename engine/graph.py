@@ -590,7 +590,6 @@ class _BatchedCaches:
 
     plan: _Plan
     caches: list[list[Any]]  # [level][group]
-    buffer: Array  # the value buffer, in plan order
     values: Array  # the values in row order
     grads: Array | None = None  # the gradients in row order, once backward ran
 
@@ -779,7 +778,7 @@ def _forward_batched(
                 level_caches.append(cache)
             caches.append(level_caches)
     values = buf[plan.position[:n]]
-    return ScalarColumn(values), _BatchedCaches(plan, caches, buf, values)
+    return ScalarColumn(values), _BatchedCaches(plan, caches, values)
 
 
 def _backward_batched(
