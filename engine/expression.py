@@ -14,27 +14,34 @@ at fault and its (1-based) column.
 Node ids (docs/expressions.md has the full story):
 - every key of `values` is an `input` node with that id (used in the expression or not);
 - a number is a `const` node whose id is its normalised literal (`"2"`, `"1.0"`, `"1e-05"`);
-- any other sub-expression is a node whose id is its normalised text (`ast.unparse`, so
-  `(x+y)*z` gives `"(x + y) * z"`); when that text is longer than `MAX_TEXT_ID` characters
-  or already names another node, the id is `t<k>`, k the node's 1-based position in
-  creation order (post-order, left to right), with `_` appended until it is free;
+- any other sub-expression is a node whose id is its normalised text, exactly as
+  `ast.unparse` prints it (`(x+y)*z` gives `"(x + y) * z"`); when that text is longer than
+  `MAX_TEXT_ID` characters, or spans more than twice that in the source, or already names
+  another node, the id is `t<k>`, k the node's 1-based position in creation order
+  (post-order, left to right), with `_` appended until it is free;
 - identical sub-expressions share one node (hash-consing on op and operand ids), so fan-out
   is visible: in `(a + b) * (a + b)` the node `a + b` is used twice and its gradient is the
   sum of both paths. Unary `+` makes no node.
 
 Cost is bounded before parsing: the length (`max_chars`), the bracket depth and runs of
-unary operators (`max_nesting`) are counted in one pass over the text, because `ast.parse`
+unary operators (`max_nesting`) are checked on the text (a C-speed count and regex first;
+the exact pass that finds the column only when the limit may be hit), because `ast.parse`
 itself raises RecursionError or MemoryError on deeply nested input; those and SyntaxError
-are caught and refused as well. The walk is iterative.
+are caught and refused as well. The walk is iterative, and each node's text is built once
+from its operands' texts (ast.unparse's rules for this small grammar), so naming costs
+O(text) per node rather than a re-walk of the subtree.
 """
 
 from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from functools import cache, cached_property
+from typing import Any, ClassVar, NamedTuple, NoReturn
 
 import numpy as np
 
@@ -48,14 +55,47 @@ DEFAULT_MAX_NESTING = 100
 LOC = ("expression",)
 Positioned = ast.expr | ast.keyword
 
-_BINARY_OPS: dict[type[ast.operator], str] = {
-    ast.Add: "add",
-    ast.Sub: "sub",
-    ast.Mult: "mul",
-    ast.Div: "div",
-    ast.Pow: "pow",
-    ast.MatMult: "matmul",
+# How tightly each form binds, as ast.unparse ranks them (ast._Precedence, the forms this
+# grammar allows): unparse parenthesises an operand that binds less tightly than its slot
+# needs, so `(a + b) * c`, `a - (b - c)`, `(-x) ** 2` but `-x ** 2`, and `2 ** (-1)`.
+_ANY_SLOT = 0  # a call's argument: never parenthesised
+_ARITH = 1  # + -
+_TERM = 2  # * / @
+_FACTOR = 3  # unary - +
+_POWER = 4  # **
+_ABOVE_POWER = 5  # the left slot of ** (ast's AWAIT): `(a ** b) ** c`
+_ATOM = 6  # names, numbers, calls
+
+# unparse writes an infinite float (a literal such as 1e999) as this overflowing literal
+_INFINITY_TEXT = "1e" + repr(sys.float_info.max_10_exp + 1)
+
+
+class _Binary(NamedTuple):
+    op: str  # the catalogue op
+    symbol: str
+    binds: int
+    left_needs: int
+    right_needs: int
+
+
+def _left_associative(op: str, symbol: str, binds: int) -> _Binary:
+    return _Binary(op, symbol, binds, binds, binds + 1)  # a - (b - c), but a - b - c
+
+
+_BINARY_OPS: dict[type[ast.operator], _Binary] = {
+    ast.Add: _left_associative("add", "+", _ARITH),
+    ast.Sub: _left_associative("sub", "-", _ARITH),
+    ast.Mult: _left_associative("mul", "*", _TERM),
+    ast.Div: _left_associative("div", "/", _TERM),
+    ast.MatMult: _left_associative("matmul", "@", _TERM),
+    ast.Pow: _Binary("pow", "**", _POWER, _ABOVE_POWER, _POWER),  # a ** b ** c
 }
+_UNARY_SYMBOLS: dict[type[ast.unaryop], str] = {ast.USub: "-", ast.UAdd: "+"}
+
+# A finished sub-expression: its node id, its text and how tightly it binds. The text is
+# None when it cannot name a node (too long, or from too wide a span); then no enclosing
+# text can either, as it contains this text and its span contains this span.
+_Done = tuple[str, str | None, int]
 
 # Friendly names for refused syntax, by AST class; anything not listed is "this syntax".
 _REFUSED: dict[type[ast.AST], str] = {
@@ -144,6 +184,8 @@ def _check_text(source: str, max_chars: int, max_nesting: int) -> None:
             "written in ASCII",
             column=k + 1,
         )
+    if not _may_nest_too_deep(source, max_nesting):
+        return
     depth = run = 0
     for k, ch in enumerate(source):
         if ch in "([{":
@@ -164,6 +206,21 @@ def _check_text(source: str, max_chars: int, max_nesting: int) -> None:
                 value=max_nesting,
                 loc=LOC,
             )
+
+
+def _may_nest_too_deep(source: str, max_nesting: int) -> bool:
+    """False when the text provably stays within the limit, found by C-speed counting and
+    one regex search instead of a Python loop over every character; only a text that may
+    be too deep pays for the exact scan that finds the column."""
+    opening = source.count("(") + source.count("[") + source.count("{")
+    return opening > max_nesting or _unary_run(max_nesting).search(source) is not None
+
+
+@cache
+def _unary_run(max_nesting: int) -> re.Pattern[str]:
+    """More than `max_nesting` unary operators with nothing between them that ends a run
+    in the exact scan (only spaces and closing brackets)."""
+    return re.compile(rf"(?:[-+~][\s)\]}}]*){{{max_nesting + 1}}}")
 
 
 def _parse(source: str) -> ast.Expression:
@@ -189,10 +246,8 @@ def _parse(source: str) -> ast.Expression:
 class _Builder:
     def __init__(self, source: str, values: Mapping[str, Array], max_nodes: int) -> None:
         self.source = source
-        self.lines = source.split("\n")
-        self.starts = [0]
-        for line in self.lines[:-1]:
-            self.starts.append(self.starts[-1] + len(line) + 1)
+        # A span is never longer than the whole text, so a short text skips the span rule.
+        self.spans_matter = len(source) > 2 * MAX_TEXT_ID
         self.values = values
         self.max_nodes = max_nodes
         self.nodes = [
@@ -203,54 +258,76 @@ class _Builder:
         self.shared: dict[tuple[Any, ...], str] = {}
         self.created = 0
 
+    @cached_property
+    def starts(self) -> list[int]:
+        """The offset of each line's first character (only errors and long texts ask)."""
+        starts = [0]
+        for line in self.source.split("\n")[:-1]:
+            starts.append(starts[-1] + len(line) + 1)
+        return starts
+
     def build(self, root: ast.expr) -> Expression:
         """Post-order over the tree with an explicit stack; children are checked when
-        their parent is first seen, so the first error reported is the outermost one."""
-        ids: dict[int, str] = {}  # id(ast node) -> node id
-        stack: list[tuple[ast.expr, bool]] = [(root, False)]
+        their parent is first seen, so the first error reported is the outermost one.
+        A stack entry is (node, -1) before its check, then (node, number of operands);
+        finished operands wait on `done`, in order, until their parent takes them."""
+        done: list[_Done] = []
+        stack: list[tuple[ast.expr, int]] = [(root, -1)]
         while stack:
-            node, ready = stack.pop()
-            if not ready:
+            node, waiting = stack.pop()
+            operands: Sequence[_Done] = ()
+            if waiting < 0:
                 children = self._check(node)
-                stack.append((node, True))
-                stack.extend((child, False) for child in reversed(children))
-                continue
-            ids[id(node)] = self._emit(node, ids)
-        return Expression(self.nodes, ids[id(root)])
+                if children:
+                    stack.append((node, len(children)))
+                    for child in reversed(children):
+                        stack.append((child, -1))
+                    continue
+            else:
+                operands = done[-waiting:]
+                del done[-waiting:]
+            done.append(self._FINISH[type(node)](self, node, operands))
+        return Expression(self.nodes, done[-1][0])
 
-    def _check(self, node: ast.expr) -> list[ast.expr]:
-        """Refuse anything off the whitelist; return the operands to walk."""
-        if isinstance(node, ast.Constant):
-            value = node.value
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                kind = "booleans" if isinstance(value, bool) else _constant_kind(value)
-                self._refuse(node, f"{kind} are not allowed; numbers are")
-            return []
-        if isinstance(node, ast.Name):
-            if node.id not in self.values:
-                hint = f" ({node.id} is an op: call it as {node.id}(...))" if node.id in OPS else ""
-                known = ", ".join(sorted(self.values)[:20]) or "none"
-                raise ExpressionError(
-                    f"unknown name {node.id!r} at {self._where(node)}: every name must be a key "
-                    f"of `values` (given: {known}){hint}",
-                    column=self._column(node),
-                )
-            return []
-        if isinstance(node, ast.BinOp):
-            if type(node.op) not in _BINARY_OPS:
-                symbol = _REFUSED_OPERATORS.get(type(node.op), type(node.op).__name__)
-                self._refuse(node, f"the operator {symbol} is not allowed; use + - * / ** @")
-            return [node.left, node.right]
-        if isinstance(node, ast.UnaryOp):
-            if not isinstance(node.op, ast.USub | ast.UAdd):
-                symbol = _REFUSED_OPERATORS.get(type(node.op), type(node.op).__name__)
-                self._refuse(node, f"the operator {symbol} is not allowed; unary - and + are")
-            return [node.operand]
-        if isinstance(node, ast.Call):
-            return self._check_call(node)
-        self._refuse(node, _REFUSED.get(type(node), "this syntax is not allowed"))
+    # --- checks: refuse anything off the whitelist, return the operands to walk ----------
 
-    def _check_call(self, node: ast.Call) -> list[ast.expr]:
+    def _check(self, node: ast.expr) -> Sequence[ast.expr]:
+        check = self._CHECK.get(type(node))
+        if check is None:
+            self._refuse(node, _REFUSED.get(type(node), "this syntax is not allowed"))
+        return check(self, node)
+
+    def _check_constant(self, node: ast.Constant) -> Sequence[ast.expr]:
+        value = node.value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            kind = "booleans" if isinstance(value, bool) else _constant_kind(value)
+            self._refuse(node, f"{kind} are not allowed; numbers are")
+        return ()
+
+    def _check_name(self, node: ast.Name) -> Sequence[ast.expr]:
+        if node.id not in self.values:
+            hint = f" ({node.id} is an op: call it as {node.id}(...))" if node.id in OPS else ""
+            known = ", ".join(sorted(self.values)[:20]) or "none"
+            raise ExpressionError(
+                f"unknown name {node.id!r} at {self._where(node)}: every name must be a key "
+                f"of `values` (given: {known}){hint}",
+                column=self._column(node),
+            )
+        return ()
+
+    def _check_binary(self, node: ast.BinOp) -> Sequence[ast.expr]:
+        if type(node.op) not in _BINARY_OPS:
+            symbol = _REFUSED_OPERATORS.get(type(node.op), type(node.op).__name__)
+            self._refuse(node, f"the operator {symbol} is not allowed; use + - * / ** @")
+        return (node.left, node.right)
+
+    def _check_unary(self, node: ast.UnaryOp) -> Sequence[ast.expr]:
+        if type(node.op) not in _UNARY_SYMBOLS:
+            symbol = _REFUSED_OPERATORS.get(type(node.op), type(node.op).__name__)
+            self._refuse(node, f"the operator {symbol} is not allowed; unary - and + are")
+        return (node.operand,)
+
+    def _check_call(self, node: ast.Call) -> Sequence[ast.expr]:
         if not isinstance(node.func, ast.Name):
             self._refuse(node.func, "only catalogue ops can be called, by name (exp(a), max(a, b))")
         name = node.func.id
@@ -275,33 +352,79 @@ class _Builder:
                 f"{self._segment(node)!r} at {self._where(node)}",
                 column=self._column(node),
             )
-        return list(node.args)
+        return node.args
 
-    def _emit(self, node: ast.expr, ids: Mapping[int, str]) -> str:
-        """The node id of a checked sub-expression whose operands already have ids."""
-        if isinstance(node, ast.Name):
-            return node.id
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.UAdd):
-            return ids[id(node.operand)]
-        if isinstance(node, ast.Constant):
-            number = node.value
-            assert isinstance(number, int | float)  # _check refused every other constant
-            text = repr(number)
-            return self._node(node, ("const", text), "const", (), text, _to_float(number))
-        operands: tuple[str, ...]
-        if isinstance(node, ast.BinOp):
-            op = _BINARY_OPS[type(node.op)]
-            operands = (ids[id(node.left)], ids[id(node.right)])
-        elif isinstance(node, ast.UnaryOp):
-            op, operands = "neg", (ids[id(node.operand)],)
-        else:
-            assert isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            op, operands = node.func.id, tuple(ids[id(arg)] for arg in node.args)
-        return self._node(node, (op, operands), op, operands, self._text(node), None)
+    # --- finishing: a checked node whose operands are done becomes a node id and a text ---
+
+    def _finish_constant(self, node: ast.Constant, _: Sequence[_Done]) -> _Done:
+        number = node.value
+        assert isinstance(number, int | float)  # _check_constant refused every other constant
+        try:
+            literal = repr(number)
+        except ValueError:  # an int past sys.get_int_max_str_digits(), e.g. a long hex literal
+            self._refuse(node, "this integer has too many digits; write a float such as 1e400")
+        node_id = self._node(("const", literal), "const", (), literal, _to_float(number))
+        text = _INFINITY_TEXT if literal == "inf" else literal
+        return node_id, self._short(node, text), _ATOM
+
+    def _finish_name(self, node: ast.Name, _: Sequence[_Done]) -> _Done:
+        name = node.id
+        return name, name if len(name) <= MAX_TEXT_ID else None, _ATOM
+
+    def _finish_binary(self, node: ast.BinOp, operands: Sequence[_Done]) -> _Done:
+        form = _BINARY_OPS[type(node.op)]
+        texts = _in_slots(operands, (form.left_needs, form.right_needs))
+        text = None if texts is None else self._short(node, f"{texts[0]} {form.symbol} {texts[1]}")
+        return self._op_node(form.op, operands, text), text, form.binds
+
+    def _finish_unary(self, node: ast.UnaryOp, operands: Sequence[_Done]) -> _Done:
+        symbol = _UNARY_SYMBOLS[type(node.op)]
+        texts = _in_slots(operands, (_FACTOR,))
+        text = None if texts is None else self._short(node, symbol + texts[0])
+        if symbol == "+":  # unary + makes no node, but its parent's text still shows it
+            return operands[0][0], text, _FACTOR
+        return self._op_node("neg", operands, text), text, _FACTOR
+
+    def _finish_call(self, node: ast.Call, operands: Sequence[_Done]) -> _Done:
+        assert isinstance(node.func, ast.Name)  # _check_call refused every other callee
+        name = node.func.id
+        texts = _in_slots(operands, (_ANY_SLOT,) * len(operands))
+        text = None if texts is None else self._short(node, f"{name}({', '.join(texts)})")
+        return self._op_node(name, operands, text), text, _ATOM
+
+    _CHECK: ClassVar[dict[type[ast.expr], Callable[[_Builder, Any], Sequence[ast.expr]]]] = {
+        ast.Constant: _check_constant,
+        ast.Name: _check_name,
+        ast.BinOp: _check_binary,
+        ast.UnaryOp: _check_unary,
+        ast.Call: _check_call,
+    }
+    _FINISH: ClassVar[dict[type[ast.expr], Callable[[_Builder, Any, Sequence[_Done]], _Done]]] = {
+        ast.Constant: _finish_constant,
+        ast.Name: _finish_name,
+        ast.BinOp: _finish_binary,
+        ast.UnaryOp: _finish_unary,
+        ast.Call: _finish_call,
+    }
+
+    def _short(self, node: ast.expr, text: str) -> str | None:
+        """`text` when it can name a node: at most MAX_TEXT_ID characters, from a source span
+        of at most twice that. (The span rule once bounded the cost of ast.unparse; it
+        stays because it decides ids, e.g. `(x + <200 spaces> y)` is named `t1`.)"""
+        if len(text) > MAX_TEXT_ID:
+            return None
+        if self.spans_matter:
+            start, end = self._span(node)
+            if end - start > 2 * MAX_TEXT_ID:
+                return None
+        return text
+
+    def _op_node(self, op: str, operands: Sequence[_Done], text: str | None) -> str:
+        inputs = tuple([operand[0] for operand in operands])
+        return self._node((op, inputs), op, inputs, text, None)
 
     def _node(
         self,
-        node: ast.expr,
         key: tuple[Any, ...],
         op: str,
         operands: tuple[str, ...],
@@ -356,19 +479,21 @@ class _Builder:
         text = self.source[start:end]
         return text if len(text) <= 80 else text[:77] + "..."
 
-    def _text(self, node: ast.expr) -> str | None:
-        """The normalised source text, or None when it would be longer than MAX_TEXT_ID.
-        Only short spans are unparsed, so the cost per node is bounded."""
-        start, end = self._span(node)
-        if end - start > 2 * MAX_TEXT_ID:
-            return None
-        text = ast.unparse(node)
-        return text if len(text) <= MAX_TEXT_ID else None
-
     def _refuse(self, node: Positioned, why: str) -> NoReturn:
         raise ExpressionError(
             f"{self._segment(node)!r} at {self._where(node)}: {why}", column=self._column(node)
         )
+
+
+def _in_slots(operands: Sequence[_Done], needs: Sequence[int]) -> list[str] | None:
+    """The operands' texts as ast.unparse writes them in slots that need these binding
+    strengths (parenthesised when they bind less tightly), or None when one is too long."""
+    texts = []
+    for (_, text, binds), need in zip(operands, needs, strict=True):
+        if text is None:
+            return None
+        texts.append(f"({text})" if binds < need else text)
+    return texts
 
 
 def _constant_kind(value: object) -> str:

@@ -278,6 +278,7 @@ HOSTILE = {
     "starred": "exp(*x)",
     "dunder_name": "__builtins__",
     "huge_int": "1" * 5_000,
+    "huge_hex_int": "x * 0x" + "f" * 4_000,
     "complex": "1j * x",
     "non_ascii": "x + ÿ",
     "statement": "x = 1",
