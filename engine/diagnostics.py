@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,8 +36,11 @@ class Thresholds:
     exploding_norm: float = 1e3
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):
+    """One health finding. A named tuple, not a frozen dataclass: a big scalar graph may
+    have a finding per node (11,700 dead ReLUs in a 100k-node one), and a frozen dataclass's
+    __init__ cost more than the rest of its diagnostics."""
+
     code: str
     severity: str
     location: str
@@ -70,7 +76,9 @@ class GraphDiagnostics:
 
 
 def worst_status(findings: Iterable[Finding]) -> str:
-    return max((f.severity for f in findings), key=SEVERITY_RANK.__getitem__, default="ok")
+    # the distinct severities first (a C-level pass): there may be a finding per node
+    severities = set(map(attrgetter("severity"), findings))
+    return max(severities, key=SEVERITY_RANK.__getitem__, default="ok")
 
 
 def grade(fraction: float, warn: float, fail: float) -> str:
@@ -86,8 +94,13 @@ def is_dead(pre_activation: Array) -> Array:
 
 def is_saturated(activation: Array, kind: str, eps: float) -> Array:
     """Sigmoid output within eps of 0 or 1; tanh output within eps of -1 or 1."""
+    return np.asarray(_saturated(activation, kind, eps))
+
+
+def _saturated(activation: Any, kind: str, eps: float) -> Any:
+    """is_saturated's test, for an array or a Python float alike."""
     low = 0.0 if kind == "sigmoid" else -1.0
-    return np.asarray((activation < low + eps) | (activation > 1.0 - eps))
+    return (activation < low + eps) | (activation > 1.0 - eps)
 
 
 def is_finite(x: Array | None) -> bool:
@@ -163,49 +176,65 @@ def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostic
         return _scalar_diagnostics(result, result.flat_values, result.flat_grads, thresholds)
     program = result.program
     gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
-    findings: list[Finding] = []
-    for i, op in enumerate(program.ops):
-        if op not in gates:
-            continue
-        if op == "relu":
-            flagged = is_dead(result.values[program.operands[i][0]])
-        else:
-            flagged = is_saturated(result.values[i], op, thresholds.saturation_eps)
-        stats = gates[op]
-        stats.nodes += 1
-        stats.elements += flagged.size
-        stats.flagged += int(np.count_nonzero(flagged))
-        finding = _gate_finding(program.ids[i], op, flagged, thresholds)
-        if finding:
-            findings.append(finding)
-
-    nonfinite = [
-        program.ids[i]
-        for i in range(len(program))
-        if not (is_finite(result.values[i]) and is_finite(result.grads[i]))
-    ]
+    findings: list[Finding] = []  # the gates', in node order
+    exploding: list[Finding] = []
+    nonfinite: list[int] = []
+    params: list[int] = []
+    # one pass over the nodes for every question (a small graph's cost is per node visit)
+    rows = zip(program.ids, program.ops, result.values, result.grads, strict=True)
+    for i, (node, op, value, grad) in enumerate(rows):
+        if not (is_finite(value) and is_finite(grad)):
+            nonfinite.append(i)
+        if op in gates:
+            finding = _gate_reading(result, i, op, gates[op], thresholds)
+            if finding is not None:
+                findings.append(finding)
+        elif op in ("input", "param"):
+            if op == "param":
+                params.append(i)
+            norm = None if grad is None else _finite_norm(grad)
+            if norm is not None and norm > thresholds.exploding_norm:
+                exploding.append(_exploding(node, norm, thresholds))
     if nonfinite:
-        first = list(program.ids).index(nonfinite[0])
-        findings.append(_nonfinite_finding(result, first, len(nonfinite)))
-    findings.extend(_exploding_leaf_findings(result, thresholds))
-
-    params = [i for i, op in enumerate(program.ops) if op == "param"]
+        findings.append(_nonfinite_finding(result, nonfinite[0], len(nonfinite)))
     return GraphDiagnostics(
         relu=gates["relu"],
         sigmoid=gates["sigmoid"],
         tanh=gates["tanh"],
-        nonfinite_nodes=nonfinite,
+        nonfinite_nodes=[program.ids[i] for i in nonfinite],
         parameter_tensors=len(params),
         parameter_total=sum(result.values[i].size for i in params),
-        findings=findings,
+        findings=findings + exploding,
     )
 
 
-def _gate_finding(node: str, op: str, flagged: Array, thresholds: Thresholds) -> Finding | None:
-    found = _gate_verdict(op, int(np.count_nonzero(flagged)), flagged.size, thresholds)
-    if found is None:
-        return None
-    code, severity, text = found
+def _gate_reading(
+    result: Result, i: int, op: str, stats: GateStats, thresholds: Thresholds
+) -> Finding | None:
+    """Add gate node i to its op's stats; its finding, if its elements call for one."""
+    count, size = _flagged_elements(result, i, op, thresholds.saturation_eps)
+    stats.nodes += 1
+    stats.elements += size
+    stats.flagged += count
+    verdict = _gate_verdict(op, count, size, thresholds)
+    return None if verdict is None else _gate_finding(result.program.ids[i], op, verdict)
+
+
+def _flagged_elements(result: Result, i: int, op: str, eps: float) -> tuple[int, int]:
+    """(dead or saturated elements, elements) of gate node i. A float64 scalar is read as a
+    Python float: the same comparisons, without a bool array and two NumPy calls."""
+    program = result.program
+    relu = op == "relu"
+    x = result.values[program.operands[i][0]] if relu else result.values[i]
+    if x.ndim == 0 and x.dtype == np.float64:
+        value = float(x)
+        return int(value <= 0 if relu else _saturated(value, op, eps)), 1
+    flagged = is_dead(x) if relu else is_saturated(x, op, eps)
+    return int(np.count_nonzero(flagged)), flagged.size
+
+
+def _gate_finding(node: str, op: str, verdict: tuple[str, str, str]) -> Finding:
+    code, severity, text = verdict
     return Finding(code, severity, node, f"{op} node {node!r}: {text}")
 
 
@@ -238,7 +267,7 @@ def _scalar_diagnostics(
         op: op_rows(program).get(op, none) for op in ("relu", "sigmoid", "tanh", "input", "param")
     }
     gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
-    found: list[tuple[int, str, tuple[str, str, str]]] = []  # (row, op, verdict)
+    found: list[tuple[Array, str, tuple[str, str, str]]] = []  # (rows, op, verdict)
     for op, stats in gates.items():
         at = rows[op]
         if op == "relu":
@@ -249,13 +278,9 @@ def _scalar_diagnostics(
         stats.flagged = int(np.count_nonzero(flagged))
         for count, where in ((1, at[flagged]), (0, at[~flagged])):  # a scalar: 1 of 1, or 0
             verdict = _gate_verdict(op, count, 1, thresholds)
-            if verdict is not None:
-                found += [(i, op, verdict) for i in where.tolist()]
-    found.sort(key=lambda row: row[0])  # node order, as the per-node path reports them
-    findings = [
-        Finding(code, severity, program.ids[i], f"{op} node {program.ids[i]!r}: {text}")
-        for i, op, (code, severity, text) in found
-    ]
+            if verdict is not None and where.size:
+                found.append((where, op, verdict))
+    findings = _gate_findings(program, found)
     bad = np.flatnonzero(~(np.isfinite(values) & np.isfinite(grads)))
     nonfinite = _ids_at(program, bad)
     if nonfinite:
@@ -276,6 +301,32 @@ def _scalar_diagnostics(
     )
 
 
+def _gate_findings(
+    program: Program, found: list[tuple[Array, str, tuple[str, str, str]]]
+) -> list[Finding]:
+    """A finding per row of each (rows, op, verdict) group, in row order as the per-node
+    path reports them. A big graph may have a finding per node: the ids are named once for
+    all rows, each group's code, severity and message text made once, and per row only
+    the message and the tuple are built."""
+    if not found:
+        return []
+    at = np.concatenate([where for where, _, _ in found])
+    group = np.repeat(np.arange(len(found)), [where.size for where, _, _ in found])
+    order = np.argsort(at, kind="stable")
+    names = _ids_at(program, at[order])
+    parts = [
+        (code, severity, f"{op} node ", f": {text}") for _, op, (code, severity, text) in found
+    ]
+    fields = (
+        (code, severity, name, f"{before}{name!r}{after}")
+        for (code, severity, before, after), name in zip(
+            map(parts.__getitem__, group[order].tolist()), names, strict=True
+        )
+    )
+    # Finding._make without its Python frame per row (tuple.__new__ is what it calls)
+    return list(map(tuple.__new__, repeat(Finding), fields))
+
+
 def _first_operands(program: Program, rows: Array) -> Array:
     if isinstance(program.operands, OperandRows):  # a columns body: read the column
         first: Array = program.operands.columns[0][rows]
@@ -286,7 +337,7 @@ def _first_operands(program: Program, rows: Array) -> Array:
 def _ids_at(program: Program, rows: Array) -> list[str]:
     if isinstance(program.ids, RowIds):  # a columns body without ids: the row numbers
         return list(map(str, rows.tolist()))
-    return [program.ids[i] for i in rows.tolist()]
+    return list(map(program.ids.__getitem__, rows.tolist()))
 
 
 def _nonfinite_finding(result: Result, i: int, count: int) -> Finding:
@@ -302,18 +353,16 @@ def _nonfinite_finding(result: Result, i: int, count: int) -> Finding:
     )
 
 
-def _exploding_leaf_findings(result: Result, thresholds: Thresholds) -> list[Finding]:
-    findings = []
-    program = result.program
-    for i, op in enumerate(program.ops):
-        grad = result.grads[i]
-        if op not in ("input", "param") or grad is None or not is_finite(grad):
-            continue
-        with np.errstate(over="ignore"):
-            norm = float(np.linalg.norm(grad))
-        if norm > thresholds.exploding_norm:
-            findings.append(_exploding(program.ids[i], norm, thresholds))
-    return findings
+def _finite_norm(grad: Array) -> float | None:
+    """np.linalg.norm of a finite gradient (None when it is not finite). A float64 scalar's
+    is the same sqrt(g * g) in Python floats: np.linalg.norm costs ~3 us a call."""
+    if grad.ndim == 0 and grad.dtype == np.float64:
+        g = float(grad)
+        return math.sqrt(g * g) if math.isfinite(g) else None  # g * g may overflow: inf
+    if not is_finite(grad):
+        return None
+    with np.errstate(over="ignore"):
+        return float(np.linalg.norm(grad))
 
 
 def _exploding(node: str, norm: float, thresholds: Thresholds) -> Finding:

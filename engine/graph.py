@@ -24,7 +24,7 @@ from engine.errors import EngineError, GraphError, LimitError, Loc, ShapeError
 from engine.ops import LEAF_OPS, OPS, Array, Shape, all_finite
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NodeSpec:
     """One node as a front end hands it over. `loc` is where it sits in the request."""
 
@@ -418,17 +418,20 @@ def forward(
         return _forward_batched(program, plan, deadline)
     values: list[Array] = []
     caches: list[Any] = []
+    operands_of, attrs_of, leaf_values = program.operands, program.attrs, program.leaf_values
     with np.errstate(all="ignore"):  # overflow is data (reported as non-finite), not a crash
-        for i in range(len(program)):
+        for i, op_name in enumerate(program.ops):
             if deadline is not None and time.monotonic() > deadline:
                 check_deadline(deadline)  # every node: a single op may be a big matmul
-            if program.is_leaf(i):
-                values.append(program.leaf_values[i])
+            if op_name in LEAF_OPS:
+                values.append(leaf_values[i])
                 caches.append(None)
                 continue
-            operands = [values[j] for j in program.operands[i]]
+            operands = list(map(values.__getitem__, operands_of[i]))
+            attrs = attrs_of[i]
             try:
-                out, cache = OPS[program.ops[i]].forward(*operands, **program.attrs[i])
+                op = OPS[op_name]
+                out, cache = op.forward(*operands, **attrs) if attrs else op.forward(*operands)
             except EngineError as err:
                 raise type(err)(
                     f"node {program.ids[i]!r} ({program.ops[i]}): {err.message}",
@@ -469,31 +472,33 @@ def backward(
         if no_grad:
             return [None if i in no_grad else g for i, g in enumerate(batched)]
         return batched
+    ops, operands_of, shapes = program.ops, program.operands, program.shapes
     with np.errstate(all="ignore"):
         for i in range(out, -1, -1):
             if deadline is not None and time.monotonic() > deadline:
                 check_deadline(deadline)  # every node: a single op may be a big matmul
             dout = grads[i]
-            if dout is None or program.is_leaf(i) or i in no_grad:
+            if dout is None or ops[i] in LEAF_OPS or i in no_grad:
                 continue
-            op = OPS[program.ops[i]]
-            operands = program.operands[i]
+            op = OPS[ops[i]]
+            operands = operands_of[i]
             if op.takes_needs:  # a matmul skips the product for an operand nobody reads
-                needs = tuple(program.ops[j] != "const" and j not in no_grad for j in operands)
+                needs = tuple(ops[j] != "const" and j not in no_grad for j in operands)
                 local = op.backward(dout, caches[i], needs)
             else:
                 local = op.backward(dout, caches[i])
             for j, d in zip(operands, local, strict=True):
-                if d is None or program.ops[j] == "const" or j in no_grad:
+                if d is None or ops[j] == "const" or j in no_grad:
                     continue
-                d = unbroadcast(d, program.shapes[j])
+                if type(d) is not np.ndarray or d.shape != shapes[j]:  # else it is as it is
+                    d = unbroadcast(d, shapes[j])
                 # A new array, never `+=`: the slot may alias a gradient another node holds.
                 grads[j] = d if grads[j] is None else grads[j] + d
     for i in range(n):  # unreached (or not differentiable) nodes: gradient 0
-        if program.ops[i] == "const" or i in no_grad:
+        if ops[i] == "const" or i in no_grad:
             grads[i] = None  # even when the const is the output and was seeded above
         elif grads[i] is None:
-            grads[i] = np.zeros(program.shapes[i], program.dtype)
+            grads[i] = np.zeros(shapes[i], program.dtype)
     return grads
 
 

@@ -33,6 +33,10 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 class Thresholds(WireModel):
     """Where health findings start; every field is optional and overrides one default."""
 
+    # frozen, so hashable: Pydantic then uses the field default as it is instead of
+    # deep-copying it into every request that leaves `thresholds` out
+    model_config = ConfigDict(frozen=True)
+
     dead_warn: Fraction = Field(0.10, description="dead ReLU fraction that warns")
     dead_fail: Fraction = Field(0.50, description="dead ReLU fraction that fails")
     saturated_warn: Fraction = Field(0.10, description="saturated fraction that warns")

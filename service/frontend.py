@@ -10,6 +10,7 @@ per node, and gives the program `compile_graph` would give."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain
 from typing import Any, get_args
 
@@ -42,8 +43,11 @@ from service.config import Settings
 from service.packed import check_encoding, table_columns
 
 
+@lru_cache(maxsize=16)
 def engine_limits(settings: Settings) -> Limits:
-    """The graph limits of the settings, for every front end (graph, expression, network)."""
+    """The graph limits of the settings, for every front end (graph, expression, network).
+    Kept per settings (both are frozen): asked on every request, and a frozen dataclass
+    costs more to make than to look up."""
     return Limits(
         max_nodes=settings.max_nodes,
         max_tensor_elements=settings.max_tensor_elements,
@@ -153,7 +157,12 @@ def _in_topological_order(inputs: list[Array]) -> bool:
 
 
 def engine_thresholds(wire: WireThresholds) -> Thresholds:
+    if not wire.model_fields_set:  # the defaults, as almost every body has them: made once
+        return DEFAULT_THRESHOLDS
     return Thresholds(**wire.model_dump())
+
+
+DEFAULT_THRESHOLDS = Thresholds(**WireThresholds().model_dump())
 
 
 # --- POST /v1/graph: either body, then forward, backward, diagnostics, gradcheck ---------

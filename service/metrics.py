@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import collections
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 from flask import Blueprint, Response
 from prometheus_client import (
@@ -80,41 +82,58 @@ FINDINGS = Counter(
 )
 
 
-@dataclass(frozen=True)
-class ReportSummary:
+class ReportSummary(NamedTuple):
     """What a view found, for the metrics hook. `kind` is "graph" or "network"; a fraction
-    is None when the report has no gate of that sort (so no zeros flood the histogram)."""
+    is None when the report has no gate of that sort (so no zeros flood the histogram).
+    A named tuple: made on every graph request, and a frozen dataclass's __init__ costs
+    several times as much."""
 
     kind: str
     nodes: int
     dead_fraction: float | None
     saturated_fraction: float | None
     status: str
-    finding_codes: list[str] = field(default_factory=list)
+    finding_codes: Sequence[str] = ()
 
     @classmethod
     def of_graph(cls, nodes: int, diagnostics: GraphDiagnostics) -> ReportSummary:
-        relu, gates = diagnostics.relu, (diagnostics.sigmoid, diagnostics.tanh)
-        gate_elements = sum(g.elements for g in gates)
+        relu, sigmoid, tanh = diagnostics.relu, diagnostics.sigmoid, diagnostics.tanh
+        gate_elements = sigmoid.elements + tanh.elements
         return cls(
             kind="graph",
             nodes=nodes,
             dead_fraction=relu.fraction if relu.elements else None,
             saturated_fraction=(
-                sum(g.flagged for g in gates) / gate_elements if gate_elements else None
+                (sigmoid.flagged + tanh.flagged) / gate_elements if gate_elements else None
             ),
             status=diagnostics.status,
-            finding_codes=[f.code for f in diagnostics.findings],
+            finding_codes=list(map(attrgetter("code"), diagnostics.findings)),
         )
+
+
+def labelled(metric: Counter | Histogram, *values: str) -> Any:
+    """`metric.labels(*values)`, kept once made: prometheus_client checks the values and
+    takes a lock on every call (~2 us, several per request), and a service sees a handful
+    of label sets. The child still finds its worker's file after a fork (it checks the pid
+    on every write)."""
+    key = (metric, values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
+_children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
 
 
 def observe_request(
     method: str, endpoint: str, status: int, seconds: float, body_bytes: int | None
 ) -> None:
-    REQUESTS.labels(method, endpoint, str(status)).inc()
-    LATENCY.labels(method, endpoint, str(status)).observe(seconds)
+    status_text = str(status)
+    labelled(REQUESTS, method, endpoint, status_text).inc()
+    labelled(LATENCY, method, endpoint, status_text).observe(seconds)
     if body_bytes is not None:
-        BODY_BYTES.labels(endpoint).observe(body_bytes)
+        labelled(BODY_BYTES, endpoint).observe(body_bytes)
 
 
 def observe_report(
@@ -123,18 +142,17 @@ def observe_report(
     dead_fraction: float | None,
     saturated_fraction: float | None,
     status: str,
-    finding_codes: list[str],
+    finding_codes: Sequence[str],
 ) -> None:
-    GRAPH_NODES.labels(kind).observe(nodes)
+    labelled(GRAPH_NODES, kind).observe(nodes)
     if dead_fraction is not None:
-        DEAD_FRACTION.labels(kind).observe(dead_fraction)
+        labelled(DEAD_FRACTION, kind).observe(dead_fraction)
     if saturated_fraction is not None:
-        SATURATED_FRACTION.labels(kind).observe(saturated_fraction)
-    HEALTH.labels(kind, status).inc()
-    for code, count in collections.Counter(
-        finding_codes
-    ).items():  # a scalar graph may have thousands
-        FINDINGS.labels(kind, code).inc(count)
+        labelled(SATURATED_FRACTION, kind).observe(saturated_fraction)
+    labelled(HEALTH, kind, status).inc()
+    if finding_codes:  # a scalar graph may have thousands: one increment per code
+        for code, count in collections.Counter(finding_codes).items():
+            labelled(FINDINGS, kind, code).inc(count)
 
 
 def exposition() -> bytes:

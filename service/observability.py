@@ -89,27 +89,33 @@ def configure_logging(level: str) -> None:
 
 
 def _begin() -> None:
-    g.started = time.perf_counter()
+    state = g._get_current_object()  # one context lookup, not one per read or write
+    state.started = time.perf_counter()
     given = request.headers.get(REQUEST_ID_HEADER)
-    g.request_id = given if valid_request_id(given) else str(uuid.uuid4())
+    state.request_id = given if valid_request_id(given) else str(uuid.uuid4())
 
 
 def _finish(response: Response) -> Response:
-    seconds = time.perf_counter() - g.get("started", time.perf_counter())
-    rid = g.get("request_id") or str(uuid.uuid4())
+    # every request passes here (/healthz too): the request and g are looked up once each,
+    # not through their context proxies on every read
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    state = g._get_current_object()
+    seconds = time.perf_counter() - state.get("started", time.perf_counter())
+    rid = state.get("request_id") or str(uuid.uuid4())
     response.headers[REQUEST_ID_HEADER] = rid
-    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    body_bytes = g.get("body_bytes", request.content_length)
-    summary: ReportSummary | None = g.get("report_summary")
-    observe_request(request.method, endpoint, response.status_code, seconds, body_bytes)
+    endpoint = req.url_rule.rule if req.url_rule is not None else "unmatched"
+    body_bytes = state.body_bytes if "body_bytes" in state else req.content_length
+    summary: ReportSummary | None = state.get("report_summary")
+    status = response.status_code
+    observe_request(req.method, endpoint, status, seconds, body_bytes)
     if summary is not None:
-        observe_report(**vars(summary))  # shallow: asdict deep-copies every finding code
+        observe_report(**summary._asdict())
     line: dict[str, Any] = {
         "event": "request",
-        "method": request.method,
-        "path": request.path,
+        "method": req.method,
+        "path": req.path,
         "route": endpoint,
-        "status": response.status_code,
+        "status": status,
         "duration_ms": round(seconds * 1000, 3),
         "body_bytes": body_bytes,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from itertools import chain
 from typing import Any
@@ -20,9 +21,9 @@ from service.packed import pack_floats
 def health(findings: list[Finding], status: str) -> dict[str, Any]:
     return {
         "status": status,
-        "findings": [
-            {"code": f.code, "severity": f.severity, "location": f.location, "message": f.message}
-            for f in findings
+        "findings": [  # unpacked: a big scalar graph may have a finding per node
+            {"code": code, "severity": severity, "location": location, "message": message}
+            for code, severity, location, message in findings
         ],
     }
 
@@ -90,7 +91,7 @@ def _input_ids(program: Program, ids: list[str]) -> list[list[str] | None]:
     at once with C-level maps, rather than a tuple per row."""
     columns = _operand_columns(program)
     if columns is None:
-        return [[ids[j] for j in ins] if ins else None for ins in program.operands]
+        return [list(map(ids.__getitem__, ins)) if ins else None for ins in program.operands]
     arity = (np.asarray(columns) >= 0).sum(axis=0)  # operands fill the first positions
     inputs: list[list[str] | None] = [None] * len(ids)
     for k in range(1, len(columns) + 1):
@@ -122,15 +123,15 @@ def _local_grad_rows(result: Result) -> list[dict[str, Any] | None]:
 
 
 def _not_wire_ready(local: dict[int, dict[str, float]]) -> list[int]:
-    """The rows whose local gradients are not all finite plain floats: one pass over all of
-    them in NumPy, then only those rows in Python."""
+    """The rows whose local gradients are not all finite plain floats: one C-level pass over
+    all of them (usually all are), then NumPy finds the rows, then only those in Python."""
     dicts = list(local.values())
     numbers = list(chain.from_iterable(map(dict.values, dicts)))
     if set(map(type, numbers)) - {float}:
         return list(local)
-    nonfinite = np.flatnonzero(~np.isfinite(np.array(numbers, np.float64)))
-    if not nonfinite.size:
+    if all(map(math.isfinite, numbers)):
         return []
+    nonfinite = np.flatnonzero(~np.isfinite(np.array(numbers, np.float64)))
     ends = np.cumsum(list(map(len, dicts)))  # where each row's numbers end in `numbers`
     owners = np.unique(np.searchsorted(ends, nonfinite, side="right"))
     keys = list(local)
@@ -190,12 +191,14 @@ def _scalars_flat(
 def _scalars_wire(
     arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]], flat: np.ndarray | None = None
 ) -> list[Any] | None:
-    """`_scalars_flat` as wire numbers in one NumPy call, non-finite ones as their strings
-    (a const's missing gradient is a NaN nobody reads). None when a node is a tensor: then
-    `to_wire` each."""
-    flat = _scalars_flat(arrays, shapes, flat)
+    """Every scalar as a wire number (a const's missing gradient is a NaN nobody reads), or
+    None when a node is a tensor: then `to_wire` each. A batched run's flat array in one
+    NumPy call; a per-node run's 0-d arrays as Python floats (the same float64 numbers,
+    without three NumPy calls: such a graph is small or runs node by node anyway)."""
     if flat is None:
-        return None
+        if any(shapes):  # a shape () is falsy: all scalars
+            return None
+        return _wire_numbers([math.nan if a is None else float(a) for a in arrays])
     bad = np.flatnonzero(~np.isfinite(flat))
     if bad.size > 64:  # many: NumPy puts the strings in (a const's NaN stays unused)
         wired: list[Any] = to_wire(flat)
@@ -204,6 +207,15 @@ def _scalars_wire(
     for i in bad.tolist():
         wire[i] = to_wire(wire[i])
     return wire
+
+
+def _wire_numbers(numbers: list[Any]) -> list[Any]:
+    """Python floats as wire numbers, in place: a non-finite one becomes its string."""
+    if not all(map(math.isfinite, numbers)):  # a C-level pass; usually all are finite
+        for i, x in enumerate(numbers):
+            if not math.isfinite(x):
+                numbers[i] = to_wire(x)
+    return numbers
 
 
 def graph_report(
