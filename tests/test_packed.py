@@ -36,6 +36,7 @@ from test_columns import (
 from service import create_app
 from service.cli import main
 from service.config import Settings
+from service.packed import b64decode
 
 # --- helpers -----------------------------------------------------------------------------
 
@@ -495,3 +496,36 @@ def test_openapi_lists_the_packed_forms(client: FlaskClient) -> None:
     report = schemas["ColumnsReport"]["properties"]
     assert ref("PackedArray") in report["value"]["anyOf"]
     assert ref("PackedArray") in report["grad"]["anyOf"]
+
+
+# --- the fast decoder is the standard library's, verdict for verdict ----------------------
+
+_B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# near-valid text: mostly alphabet, with padding, spaces, the URL-safe letters and non-ASCII
+_near_base64 = st.text(alphabet=_B64_ALPHABET + "===  -_\n\xe9", max_size=40)
+
+
+def _stdlib_verdict(text: str) -> tuple[str, Any]:
+    try:
+        return "ok", base64.b64decode(text, validate=True)
+    except ValueError as err:
+        return type(err).__name__, str(err)
+
+
+@hypothesis_settings(max_examples=400, deadline=None)
+@given(st.one_of(_near_base64, st.binary(max_size=30).map(lambda b: base64.b64encode(b).decode())))
+def test_b64decode_gives_the_standard_librarys_bytes_and_errors(text: str) -> None:
+    try:
+        mine: tuple[str, Any] = ("ok", b64decode(text))
+    except ValueError as err:
+        mine = (type(err).__name__, str(err))
+    assert mine == _stdlib_verdict(text)
+
+
+@pytest.mark.parametrize("text", ["abcd=", "ab=c", "abc", "YQ==YQ==", "a b c d", "\xe9", "ab=="])
+def test_b64decode_corner_cases_match_the_standard_library(text: str) -> None:
+    try:
+        mine: tuple[str, Any] = ("ok", b64decode(text))
+    except ValueError as err:
+        mine = (type(err).__name__, str(err))
+    assert mine == _stdlib_verdict(text)
