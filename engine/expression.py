@@ -184,8 +184,12 @@ def _check_text(source: str, max_chars: int, max_nesting: int) -> None:
             "written in ASCII",
             column=k + 1,
         )
-    if not _may_nest_too_deep(source, max_nesting):
-        return
+    if _may_nest_too_deep(source, max_nesting):
+        _scan_nesting(source, max_nesting)
+
+
+def _scan_nesting(source: str, max_nesting: int) -> None:
+    """The exact check, character by character, so the error names the column."""
     depth = run = 0
     for k, ch in enumerate(source):
         if ch in "([{":
