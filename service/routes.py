@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -66,18 +68,17 @@ def graph_report_of_request(*, layout: str | None = None) -> dict[str, Any]:
     )
 
 
-class paused_gc:  # lower case: it reads as a function where used, `with paused_gc():`
+@contextmanager
+def paused_gc() -> Iterator[None]:
     """No cyclic garbage collection during one request: a 100k-node graph makes millions of
     short-lived objects (freed by reference counting), and the collector's passes over them
-    took ~40% of the request (docs/performance.md). It runs again when the request is done.
-    A class, not @contextmanager: every request enters it, and a generator costs more."""
-
-    def __enter__(self) -> None:
-        self.was_enabled = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.was_enabled:
+    took ~40% of the request (docs/performance.md). It runs again when the request is done."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
             gc.enable()
 
 
