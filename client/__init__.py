@@ -9,5 +9,15 @@ with Client("http://127.0.0.1:8000", token=None) as c:
 
 from client.api import Answer, Client, decode, encode
 from client.errors import GradiagError, GradiagUnavailable
+from client.packed import pack, unpack
 
-__all__ = ["Answer", "Client", "GradiagError", "GradiagUnavailable", "decode", "encode"]
+__all__ = [
+    "Answer",
+    "Client",
+    "GradiagError",
+    "GradiagUnavailable",
+    "decode",
+    "encode",
+    "pack",
+    "unpack",
+]

@@ -42,6 +42,8 @@ def read_json_body() -> bytes:
 def _read_at_most(stream: IO[bytes], most: int, declared: int | None) -> bytes:
     """Up to `most` bytes of the stream, in chunks. A declared length that has arrived ends
     the read (no empty read to find the end)."""
+    if declared is not None and declared < most:
+        return stream.read(declared)  # one call: gunicorn's reader loops over the socket itself
     parts: list[bytes] = []
     received = 0
     while received < most:

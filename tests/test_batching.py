@@ -142,6 +142,28 @@ def test_a_long_chain_is_one_group_per_level(monkeypatch: pytest.MonkeyPatch) ->
     assert_same(batched, plain)
 
 
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.integers(0, 2**20), max_size=300), narrow=st.booleans())
+def test_the_plans_sort_is_numpys_stable_sort(keys: list[int], narrow: bool) -> None:
+    """Keys that fit 16 bits take the radix sort, the others NumPy's stable int sort: the
+    same order either way, equal keys in index order."""
+    key = np.array([k % 2**16 if narrow else k for k in keys], np.intp)
+    assert graph._stable_order(key).tolist() == np.argsort(key, kind="stable").tolist()
+
+
+def test_a_plan_deeper_than_16_bit_keys_orders_by_level() -> None:
+    """A 40,000-node chain of two alternating ops: (level, op) keys reach 120,000, past the
+    radix sort's 16 bits; every level is one group, in chain order."""
+    n = 40_001
+    codes = np.array([-1] + [k % 2 for k in range(n - 1)], np.intp)
+    first = np.arange(-1, n - 1, dtype=np.intp)
+    second = np.full(n, -1, np.intp)
+    plan = graph.plan_columns(codes, [("neg", {}), ("tanh", {})], (first, second), n - 1, [])
+    assert len(plan.levels) == n - 1
+    assert plan.order[: n - 1].tolist() == list(range(1, n))
+    assert [g.op_name for g in plan.levels[-1].groups] == ["neg" if (n - 2) % 2 == 0 else "tanh"]
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(256, 700), safe=st.booleans())
 def test_hypothesis_dags(seed: int, n: int, safe: bool) -> None:

@@ -33,6 +33,7 @@ from test_columns import (
     table,
 )
 
+from client.packed import pack, unpack
 from service import create_app
 from service.cli import main
 from service.config import Settings
@@ -51,11 +52,6 @@ def packed(column: list[Any], dtype: str) -> dict[str, str]:
 
 def raw(data: bytes, dtype: str) -> dict[str, str]:
     return {"dtype": dtype, "base64": base64.b64encode(data).decode("ascii")}
-
-
-def unpacked(column: dict[str, str]) -> np.ndarray:
-    dtype = np.dtype(column["dtype"]).newbyteorder("<")
-    return np.frombuffer(base64.b64decode(column["base64"], validate=True), dtype)
 
 
 def wire(numbers: np.ndarray) -> list[Any]:
@@ -102,7 +98,7 @@ def decoded(answer: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     """A packed answer's value and grad columns, as the list answer writes them."""
     value, grad = (answer["columns"][name] for name in ("value", "grad"))
     assert value["dtype"] == grad["dtype"] == "float64"
-    return wire(unpacked(value)), wire(unpacked(grad))
+    return wire(unpack(value)), wire(unpack(grad))
 
 
 def padded_circuit(chain: int) -> dict[str, Any]:
@@ -185,16 +181,16 @@ def test_the_circuit_packed_in_and_out(client: FlaskClient) -> None:
     answer = ok(post(client, {"columns": pack_table(CIRCUIT), "encoding": "packed"}))
     assert answer["output"] == {"id": "4", "value": -12.0, "shape": []}
     assert set(answer["columns"]) == {"value", "grad"}  # no id column in, none out
-    assert unpacked(answer["columns"]["value"]).tolist() == CIRCUIT_VALUES
-    assert unpacked(answer["columns"]["grad"]).tolist() == CIRCUIT_GRADS
+    assert unpack(answer["columns"]["value"]).tolist() == CIRCUIT_VALUES
+    assert unpack(answer["columns"]["grad"]).tolist() == CIRCUIT_GRADS
 
 
 def test_the_padded_circuit_packed_in_and_out(client: FlaskClient) -> None:
     with batched_runs() as calls:
         answer = ok(post(client, {"columns": pack_table(PADDED), "encoding": "packed"}))
     assert calls, "306 elementwise rows run level batched"
-    value = unpacked(answer["columns"]["value"])
-    grad = unpacked(answer["columns"]["grad"])
+    value = unpack(answer["columns"]["value"])
+    grad = unpack(answer["columns"]["grad"])
     assert value.size == grad.size == len(PADDED["op"]) == 306
     assert value[:6].tolist() == [*CIRCUIT_VALUES, 1.0]
     assert (value[6:] == -12.0).all()
@@ -526,3 +522,47 @@ def test_b64decode_gives_the_standard_librarys_bytes_and_errors(text: str) -> No
 @pytest.mark.parametrize("text", ["abcd=", "ab=c", "abc", "YQ==YQ==", "a b c d", "\xe9", "ab=="])
 def test_b64decode_corner_cases_match_the_standard_library(text: str) -> None:
     assert _verdict(b64decode, text) == _verdict(_stdlib, text)
+
+
+# --- the Python client's pack / unpack ------------------------------------------------------
+
+_CLIENT_DTYPES = ["uint8", "int8", "int16", "int32", "int64", "float32", "float64"]
+
+
+@hypothesis_settings(max_examples=100, deadline=None)
+@given(
+    st.sampled_from(_CLIENT_DTYPES),
+    st.binary(max_size=64),
+    st.booleans(),
+)
+def test_client_pack_is_the_wires_little_endian_base64(
+    dtype: str, data: bytes, big_endian: bool
+) -> None:
+    """Any array of a wire dtype, in either byte order: pack writes exactly the standard
+    library's base64 of its little-endian bytes, and unpack gives the same numbers back."""
+    little = np.dtype(dtype).newbyteorder("<")
+    array = np.frombuffer(data[: len(data) - len(data) % little.itemsize], little)
+    given_array = array.astype(little.newbyteorder(">")) if big_endian else array
+    column = pack(given_array)
+    assert column == {"dtype": dtype, "base64": base64.b64encode(array.tobytes()).decode()}
+    back = unpack(column)
+    assert back.dtype == little and back.tobytes() == array.tobytes()
+
+
+def test_client_pack_refuses_a_2d_array() -> None:
+    with pytest.raises(ValueError, match=r"1-d; this array has shape \(2, 2\)"):
+        pack(np.zeros((2, 2)))
+
+
+def test_the_circuit_through_the_clients_pack_and_unpack(client: FlaskClient) -> None:
+    """f = (x + y) * z as a client holding arrays sends it: every column packed by `pack`,
+    the answer's columns read by `unpack`."""
+    codes = np.array([0, 0, 0, 1, 2], np.uint8)  # CIRCUIT["op"] as a legend
+    columns = {
+        "op": {"names": ["input", "add", "mul"], "codes": pack(codes)},
+        "inputs": [pack(np.array(r, np.int32)) for r in CIRCUIT["inputs"]],
+        "value": pack(np.array(CIRCUIT["value"], dtype=float)),
+    }
+    answer = ok(post(client, {"columns": columns, "encoding": "packed"}))
+    assert unpack(answer["columns"]["value"]).tolist() == CIRCUIT_VALUES
+    assert unpack(answer["columns"]["grad"]).tolist() == CIRCUIT_GRADS
