@@ -16,6 +16,7 @@ import gc
 import http.client
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -101,10 +102,9 @@ DISCARD = 1  # calls not counted per round: see `interleaved`
 
 
 def bench_network(dtype: str, reps: int) -> dict[str, Any]:
-    """gradiag, PyTorch and the network's own matmuls in plain NumPy, in interleaved rounds
-    (each round runs the three back to back, the order rotating): this 2-core machine's
-    speed drifts by tens of percent over a minute, and a ratio taken within a round cancels
-    that drift. Each ratio is the median of the rounds' ratios."""
+    """gradiag; PyTorch with the same report and with none; the network's own matmuls and a
+    square one in plain NumPy: in interleaved rounds (`interleaved`), each ratio the median
+    of the rounds' ratios."""
     import torch
 
     from engine import Limits, compile_graph, run
@@ -138,15 +138,21 @@ def bench_network(dtype: str, reps: int) -> dict[str, Any]:
     x = torch.randn(BATCH, dims[0], generator=gen, dtype=tdtype)
     y = torch.randint(0, dims[-1], (BATCH,), generator=gen)
 
+    def finite(t: Any, total: float | None = None) -> bool:
+        """As gradiag reads it: a number made from every element (a sum, a norm, a mean) is
+        NaN or inf whenever an element is, so only a non-finite one costs the exact check."""
+        total = float(t.sum()) if total is None else total
+        return math.isfinite(total) or bool(torch.isfinite(t).all())
+
     def pytorch() -> None:
         h = x
-        pre, post = [], []  # each layer's z and a (their gradients kept for the report)
+        pre, post, grads = [], [], {}  # each layer's z and a; their gradients, by hook
         for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
-            z = h @ w + b
-            z.retain_grad()
+            z = torch.addmm(b, h, w)  # as nn.Linear: x @ W + b in one call
+            z.register_hook(lambda g, k=k: grads.__setitem__(("z", k), g))  # no copy
             h = torch.relu(z) if k < len(weights) - 1 else z
             if h is not z:
-                h.retain_grad()
+                h.register_hook(lambda g, k=k: grads.__setitem__(("a", k), g))
             pre.append(z)
             post.append(h)
         loss = torch.nn.functional.cross_entropy(h, y)
@@ -155,25 +161,29 @@ def bench_network(dtype: str, reps: int) -> dict[str, Any]:
         loss.backward()
         # what gradiag's network report holds, read the way a PyTorch user would: per layer
         # the dead units and fraction, the activations' mean and std, the weight norm and
-        # the gradient norms of W, b and z; whether every value and gradient is finite
+        # the gradient norms of W, b and z; whether every value and gradient is finite (from
+        # those numbers where there is one, as gradiag does)
         with torch.no_grad():
+            checks = [finite(x), finite(loss)]
             for k, (z, a, w, b) in enumerate(zip(pre, post, weights, biases, strict=True)):
                 if k < len(weights) - 1:
                     dead = z <= 0
                     dead.all(dim=0).nonzero().flatten().tolist()
-                    float(dead.float().mean())
-                [float(v) for v in torch.std_mean(a, correction=0)]
-                [float(t.norm()) for t in (w, w.grad, b.grad, z.grad)]
-            tensors = [x, *pre, *post, *weights, *biases, loss]
-            grads = [t.grad for t in (*pre, *post, *weights, *biases)]
-            all(bool(torch.isfinite(t).all()) for t in tensors + grads)
+                    int(dead.count_nonzero()) / dead.numel()
+                    checks.append(finite(grads[("a", k)]))
+                _std, mean = (float(v) for v in torch.std_mean(a, correction=0))
+                tensors = (w, w.grad, b.grad, grads[("z", k)])
+                norms = [float(t.norm()) for t in tensors]
+                checks += [finite(z), finite(b), finite(a, mean)]
+                checks += [finite(t, n) for t, n in zip(tensors, norms, strict=True)]
+            all(checks)
             float(loss)
 
     def pytorch_bare() -> None:
         """Forward and backward only: the floor of what any report costs in PyTorch."""
         h = x
         for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
-            h = h @ w + b
+            h = torch.addmm(b, h, w)
             if k < len(weights) - 1:
                 h = torch.relu(h)
         loss = torch.nn.functional.cross_entropy(h, y)
@@ -452,7 +462,10 @@ def bench_scalar(url: str, default_url: str, size: int, kind: str, reps: int) ->
     row: dict[str, Any] = {"kind": kind, "size": size, "nodes": len(nodes)}
     if size >= 1_000_000:
         for form, body in {"packed": table.body(), **bodies}.items():
-            status, problem = post_graph(default_url, body)
+            try:
+                status, problem = post_graph(default_url, body)
+            except ConnectionResetError:  # refused so early that the answer was lost
+                status, problem = 0, None
             row[f"default_server_status_{form}"] = status
             title = problem.get("title") if isinstance(problem, dict) else None
             row[f"default_server_problem_{form}"] = title

@@ -25,6 +25,8 @@ def pack(array: Any) -> dict[str, str]:
     data = np.asarray(array)
     if data.ndim != 1:
         raise ValueError(f"a packed column is 1-d; this array has shape {data.shape}")
+    if data.dtype.kind not in "iuf":
+        raise ValueError(f"a packed column holds integers or floats, not {data.dtype}")
     little = data.astype(data.dtype.newbyteorder("<"), copy=False)
     return {"dtype": data.dtype.name, "base64": pybase64.b64encode(little.tobytes()).decode()}
 

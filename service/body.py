@@ -40,14 +40,15 @@ def read_json_body() -> bytes:
 
 
 def _read_at_most(stream: IO[bytes], most: int, declared: int | None) -> bytes:
-    """Up to `most` bytes of the stream, in chunks. A declared length that has arrived ends
-    the read (no empty read to find the end)."""
-    if declared is not None and declared < most:
-        return stream.read(declared)  # one call: gunicorn's reader loops over the socket itself
+    """Up to `most` bytes of the stream: what is declared, else in chunks. A declared length
+    that has arrived ends the read (no empty read to find the end)."""
     parts: list[bytes] = []
     received = 0
     while received < most:
-        chunk = stream.read(min(_CHUNK, most - received))
+        # a declared length in one call (gunicorn's reader loops over the socket itself); a
+        # raw stream may return less, and the loop asks for the rest
+        want = _CHUNK if declared is None else declared - received
+        chunk = stream.read(min(want, most - received))
         if not chunk:
             break
         parts.append(chunk)

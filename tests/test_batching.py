@@ -142,26 +142,49 @@ def test_a_long_chain_is_one_group_per_level(monkeypatch: pytest.MonkeyPatch) ->
     assert_same(batched, plain)
 
 
-@settings(max_examples=60, deadline=None)
-@given(keys=st.lists(st.integers(0, 2**20), max_size=300), narrow=st.booleans())
-def test_the_plans_sort_is_numpys_stable_sort(keys: list[int], narrow: bool) -> None:
-    """Keys that fit 16 bits take the radix sort, the others NumPy's stable int sort: the
-    same order either way, equal keys in index order."""
-    key = np.array([k % 2**16 if narrow else k for k in keys], np.intp)
-    assert graph._stable_order(key).tolist() == np.argsort(key, kind="stable").tolist()
+def plain_levels(codes: list[int], first: list[int], second: list[int]) -> list[int]:
+    """1 + the deepest operand's level, leaves 0: the definition, row by row."""
+    level: list[int] = []
+    for code, a, b in zip(codes, first, second, strict=True):
+        level.append(0 if code < 0 else 1 + max(level[a], level[b] if b >= 0 else 0))
+    return level
 
 
-def test_a_plan_deeper_than_16_bit_keys_orders_by_level() -> None:
-    """A 40,000-node chain of two alternating ops: (level, op) keys reach 120,000, past the
-    radix sort's 16 bits; every level is one group, in chain order."""
-    n = 40_001
-    codes = np.array([-1] + [k % 2 for k in range(n - 1)], np.intp)
-    first = np.arange(-1, n - 1, dtype=np.intp)
-    second = np.full(n, -1, np.intp)
-    plan = graph.plan_columns(codes, [("neg", {}), ("tanh", {})], (first, second), n - 1, [])
-    assert len(plan.levels) == n - 1
-    assert plan.order[: n - 1].tolist() == list(range(1, n))
-    assert [g.op_name for g in plan.levels[-1].groups] == ["neg" if (n - 2) % 2 == 0 else "tanh"]
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), deep=st.booleans())
+def test_the_plan_orders_rows_by_level_then_op_then_row(seed: int, deep: bool) -> None:
+    """plan_columns against the definition: op rows sorted by (level, op code), rows of one
+    key in row order (`np.lexsort`), on random DAGs of add and mul. `deep` grows a 23,000-row
+    chain, so (level, code) keys pass 16 bits (the plan's radix sort stops there); rows off
+    the chain put several rows of both ops at one level."""
+    rng = random.Random(seed)
+    codes, first, second = [-1, -1], [-1, -1], [-1, -1]  # two leaves
+    chain, end = 0, 0  # the chain's length and last row
+    while chain < (23_000 if deep else 300):
+        row = len(codes)
+        codes.append(rng.randrange(2))
+        if rng.random() < 0.7:  # the chain grows
+            first.append(end)
+            second.append(rng.randrange(2))
+            chain, end = chain + 1, row
+        else:  # a row off the chain: any earlier rows
+            first.append(rng.randrange(row))
+            second.append(rng.randrange(row))
+    n = len(codes)
+    columns = (np.array(first, np.intp), np.array(second, np.intp))
+    code_column = np.array(codes, np.intp)
+    plan = graph.plan_columns(code_column, [("add", {}), ("mul", {})], columns, n - 1, [])
+    levels = np.array(plain_levels(codes, first, second))
+    inner = np.flatnonzero(code_column >= 0)
+    want = inner[np.lexsort((code_column[inner], levels[inner]))]
+    assert plan.order[: plan.n_ops].tolist() == want.tolist()
+    assert len(plan.levels) == levels.max()
+    for level in plan.levels:  # each group: one (level, op) run of the order
+        rows = plan.order[level.start : level.stop]
+        assert len(set(levels[rows].tolist())) == 1
+        for group in level.groups:
+            grouped = code_column[plan.order[group.start : group.stop]]
+            assert set(grouped.tolist()) == {["add", "mul"].index(group.op_name)}
 
 
 @settings(max_examples=25, deadline=None)
