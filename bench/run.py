@@ -98,9 +98,6 @@ def network_body(dims: list[int], batch: int, dtype: str) -> dict[str, Any]:
     }
 
 
-DISCARD = 1  # calls not counted per round: see `interleaved`
-
-
 def bench_network(dtype: str, reps: int) -> dict[str, Any]:
     """gradiag; PyTorch with the same report and with none; the network's own matmuls and a
     square one in plain NumPy: in interleaved rounds (`interleaved`), each ratio the median
@@ -200,7 +197,7 @@ def bench_network(dtype: str, reps: int) -> dict[str, Any]:
         "gemms": gemms,
         "square": square,
     }
-    times = interleaved(runs, reps, discard=DISCARD, keep=2)
+    times = interleaved(runs, reps, discard=1, keep=2)  # threads: see `interleaved`
     median = {name: statistics.median(t) for name, t in times.items()}
     return {
         "dtype": dtype,
@@ -415,7 +412,7 @@ def micrograd_reclaimed(nodes: list[Node]) -> None:
     Value's `_backward` closure holds the Value), so only the cyclic collector frees it, and
     that collection is counted here, once per graph. The caller freezes the bench's own
     objects first: a micrograd script's heap is small, and every collector pass over the
-    bench's 100k-node bodies made micrograd look up to 2x slower than it is."""
+    bench's 100k- and 1M-node bodies made micrograd look 1.5-5x slower than it is."""
     micrograd_run(nodes)
     gc.collect()
 
