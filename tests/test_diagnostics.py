@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from engine.diagnostics import CHUNK, is_finite, mean_std, sum_of_squares
+from engine.diagnostics import CHUNK, WHOLE, is_finite, mean_std, sum_of_squares
 from engine.network import _TensorStats
 
 DTYPES = [np.float32, np.float64]
-SIZES = [1, 7, CHUNK, 3 * CHUNK + 5]  # one chunk, exactly one, several with a tail
+# one chunk, exactly one, several with a tail; mean_std's chunked path above WHOLE
+SIZES = [1, 7, CHUNK, 3 * CHUNK + 5, WHOLE + 5]
 
 
 def straightforward_norm(x: np.ndarray) -> float:
@@ -72,8 +73,8 @@ def test_float32_norm_does_not_overflow_where_float32_arithmetic_would() -> None
     assert math.isfinite(_TensorStats().norm(x))
 
 
-def special(dtype: type, kind: str) -> np.ndarray:
-    x = sample(dtype, 2 * CHUNK + 4, seed=2)
+def special(dtype: type, kind: str, size: int = 2 * CHUNK + 4) -> np.ndarray:
+    x = sample(dtype, size, seed=2)
     big = float(np.finfo(dtype).max) / 2  # finite, but its square overflows in any dtype
     values = {"finite": None, "nan": np.nan, "inf": np.inf, "-inf": -np.inf, "huge": big}
     if values[kind] is not None:
@@ -85,10 +86,11 @@ def special(dtype: type, kind: str) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["finite", "nan", "inf", "-inf", "huge"])
+@pytest.mark.parametrize("size", [2 * CHUNK + 4, WHOLE + CHUNK])  # mean_std: whole, chunked
 def test_finiteness_and_norms_with_non_finite_and_overflowing_elements(
-    dtype: type, kind: str
+    dtype: type, kind: str, size: int
 ) -> None:
-    x = special(dtype, kind)
+    x = special(dtype, kind, size)
     expected = bool(np.isfinite(x).all())
     assert expected is (kind in ("finite", "huge"))
     assert is_finite(x) is expected
