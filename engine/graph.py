@@ -541,12 +541,21 @@ def run(
 # the same topological level do not depend on each other, so each level runs as a few NumPy
 # calls: the level's operands are gathered from a flat value buffer in one fancy index per
 # operand position, and every (op, attrs) group of the level is one call of the op's own
-# forward/backward on a slice of them. The buffer holds the op nodes in plan order (level,
-# then group), so a group's outputs are a contiguous slice, then the leaves. Backward walks
-# the levels in reverse, writes each group's local gradients into the level's slice of one
-# contribution array per operand position and scatters it into a flat gradient buffer: `+=`
-# when no operand repeats in the level, `np.add.at` otherwise. Only ops marked `elementwise`
-# in the op table are batched; any other graph takes the per-node walk.
+# forward on a slice of them. The buffer holds the op nodes in plan order (level, then
+# group), so a group's outputs are a contiguous slice, then the leaves.
+#
+# Backward first takes every node's local derivatives, d node / d operand, one call per op
+# kind over all its nodes at once: the op's own backward at an upstream gradient of 1 (for
+# an elementwise op the vector-Jacobian product at 1 is the derivative). Then it walks the
+# levels from the top; a level's gradients are complete when it is reached, so each of its
+# edges into an op node below adds gradient x derivative to that node's slot in a flat
+# gradient buffer: one gather, one multiply and one scatter per level (`+=` when no target
+# repeats in the level, `np.add.at` otherwise). The edges into leaves, which nothing reads
+# during the walk, are added after it in one `np.bincount`. When a gradient comes out NaN
+# or infinite the backward is redone group by group with the ops' backward at the real
+# upstream gradients: a relu blocks an infinite gradient (0, where inf * 0 would be NaN)
+# and a node without a path to the output adds nothing. Only ops marked `elementwise` in
+# the op table are batched; any other graph takes the per-node walk.
 
 BATCH_MIN_NODES = 256  # below this the per-node walk is about as fast
 
@@ -567,6 +576,28 @@ class _Level:
     groups: list[_Group]
     arity: int  # the most operands a group of it takes
     distinct: tuple[bool, ...]  # per position: no buffer index repeats, so `+=` is exact
+    edges: tuple[int, int]  # its slice of `_Plan.inner_edges` (its consumers' edges)
+    edges_distinct: bool  # no target repeats in that slice, so `+=` is exact
+
+
+@dataclass(slots=True)
+class _Edges:
+    """Operand edges, by buffer position: the consuming op node, the operand it reads, and
+    where the derivative d consumer / d operand is in the flattened (2, n_ops) partials."""
+
+    consumer: Array
+    target: Array
+    partial: Array
+
+
+@dataclass(slots=True)
+class _Kind:
+    """The op nodes of one (op, attrs), over all levels: their local derivatives are one call."""
+
+    op_name: str
+    attrs: Mapping[str, Any]
+    arity: int
+    positions: Array  # in the plan order
 
 
 @dataclass
@@ -583,6 +614,9 @@ class _Plan:
     consts: list[int]
     edges: tuple[Array, Array]  # the program's first and second operand rows (-1: none)
     output: int
+    kinds: list[_Kind]
+    inner_edges: _Edges  # the edges into op nodes, in plan order of their consumers
+    leaf_edges: _Edges  # the edges into leaves
 
     @property
     def leaves(self) -> Array:
@@ -596,11 +630,13 @@ class _BatchedCaches:
     plan: _Plan
     caches: list[list[Any]]  # [level][group]
     values: Array  # the values in row order
+    buffer: Array  # the values in plan order (the forward's buffer)
     grads: Array | None = None  # the gradients in row order, once backward ran
 
 
 _NONE = np.empty(0, np.intp)
-_NOT_BATCHABLE = _Plan([], _NONE, _NONE, (), 0, [], (_NONE, _NONE), 0)
+_NO_EDGES = _Edges(_NONE, _NONE, _NONE)
+_NOT_BATCHABLE = _Plan([], _NONE, _NONE, (), 0, [], (_NONE, _NONE), 0, [], _NO_EDGES, _NO_EDGES)
 
 
 def batch_plan(program: Program) -> _Plan | None:
@@ -681,9 +717,15 @@ def plan_columns(
     level_of, code_of = levels[ops_order], codes[ops_order]
     group_starts = _starts(key[by_key])
     level_starts = _starts(level_of)
-    distinct = [
-        _distinct_per_level(level_of, column, level_starts).tolist() for column in buffer_operands
+    n_levels = level_starts.size + 1  # numbered 1.., every one used (0: the leaves)
+    distinct = [  # per operand position (the scratch slot counts: unary ops repeat it)
+        _distinct_by_level(level_of, column, n_levels)[1:].tolist() for column in buffer_operands
     ]
+    inner_edges, leaf_edges = _split_edges(buffer_operands, n, m)
+    edge_bounds = np.searchsorted(inner_edges.consumer, [*level_starts.tolist(), m]).tolist()
+    edges_distinct = _distinct_by_level(
+        level_of[inner_edges.consumer], inner_edges.target, n_levels
+    )[1:].tolist()
     arity_of = np.array([OPS[op].arity for op, _ in names], np.intp)[code_of]
     level_arity = np.maximum.reduceat(arity_of, level_starts).tolist() if m else []
     groups = [
@@ -706,10 +748,45 @@ def plan_columns(
             groups[first_group[k] : first_group[k + 1]],
             arity,
             distinct_by_level[k][:arity],
+            (edge_bounds[k], edge_bounds[k + 1]),
+            edges_distinct[k],
         )
         for k, arity in enumerate(level_arity)
     ]
-    return _Plan(plan_levels, order, position, buffer_operands, m, consts, operands, output)
+    kinds = [
+        _Kind(op, attrs, OPS[op].arity, positions)
+        for code, (op, attrs) in enumerate(names)
+        if (positions := np.flatnonzero(code_of == code)).size
+    ]
+    return _Plan(
+        plan_levels,
+        order,
+        position,
+        buffer_operands,
+        m,
+        consts,
+        operands,
+        output,
+        kinds,
+        inner_edges,
+        leaf_edges,
+    )
+
+
+def _split_edges(buffer_operands: tuple[Array, ...], n: int, m: int) -> tuple[_Edges, _Edges]:
+    """Every (op node, operand) edge but the missing operands (the scratch slot n), in plan
+    order of the op node: those into op nodes (the backward adds them level by level) and
+    those into leaves (nothing reads a leaf's gradient, so they are added at the end, in one
+    call)."""
+    targets = np.stack(buffer_operands, axis=1).reshape(-1)  # op 0's two operands, op 1's...
+    partial = (np.arange(m)[:, np.newaxis] + np.array([0, m])).reshape(-1)  # row-major (2, m)
+    consumer = np.repeat(np.arange(m), 2)
+    into_ops = targets < m
+    into_leaves = ~into_ops & (targets != n)
+    return (
+        _Edges(consumer[into_ops], targets[into_ops], partial[into_ops]),
+        _Edges(consumer[into_leaves], targets[into_leaves], partial[into_leaves]),
+    )
 
 
 def _stable_order(key: Array) -> Array:
@@ -749,17 +826,15 @@ def _levels(inner: Array, operands: tuple[Array, Array], n: int) -> Array:
     return by_row
 
 
-def _distinct_per_level(level_of: Array, column: Array, level_starts: Array) -> Array:
-    """Per level: True when no buffer index repeats in this operand column (so `+=` is
-    exact). The scratch slot counts: a level with a unary op repeats it."""
-    if not level_of.size:
-        return np.ones(0, bool)
-    span = int(column.max()) + 1
-    key = np.sort(level_of * span + column)
-    repeated = key[1:] == key[:-1]
-    distinct = np.ones(int(level_of[-1]) + 1, bool)
-    distinct[key[1:][repeated] // span] = False
-    return distinct[level_of[level_starts]]
+def _distinct_by_level(level_of: Array, column: Array, n_levels: int) -> Array:
+    """Indexed by level number: True when no value of `column` repeats among the rows of that
+    level (`level_of`: each row's level), so a `+=` scattering to them is exact."""
+    distinct = np.ones(n_levels, bool)
+    if level_of.size:
+        span = int(column.max()) + 1
+        key = np.sort(level_of * span + column)
+        distinct[key[1:][key[1:] == key[:-1]] // span] = False
+    return distinct
 
 
 def _reached(plan: _Plan, n: int) -> Array:
@@ -805,7 +880,7 @@ def _forward_batched(
                 level_caches.append(cache)
             caches.append(level_caches)
     values = buf[plan.position[:n]]
-    return ScalarColumn(values), _BatchedCaches(plan, caches, values)
+    return ScalarColumn(values), _BatchedCaches(plan, caches, values, buf)
 
 
 def _backward_batched(
@@ -813,8 +888,9 @@ def _backward_batched(
 ) -> ScalarColumn:
     plan = batched.plan
     n = len(program)
-    grad = _backward_levels(plan, batched.caches, seed, n, program.dtype, None, deadline)
-    if not all_finite(grad[:n]):  # redo with unreached nodes held at 0 (no 0 * inf = NaN)
+    partials = _local_partials(plan, batched.buffer, program.dtype)
+    grad = _backward_by_partials(plan, partials, seed, n, deadline)
+    if not all_finite(grad[:n]):  # redo by the ops' backward, unreached nodes held at 0
         live = _reached(plan, n)
         grad = _backward_levels(plan, batched.caches, seed, n, program.dtype, live, deadline)
     grads_by_row = grad[plan.position[:n]]
@@ -822,6 +898,52 @@ def _backward_batched(
         grads_by_row[plan.consts] = 0.0  # seeded when a const is the output; no gradient
     batched.grads = grads_by_row
     return ScalarColumn(grads_by_row, plan.consts)
+
+
+def _local_partials(plan: _Plan, buffer: Array, dtype: np.dtype[Any]) -> Array:
+    """(2, n_ops): d node / d operand for the first and second operand of every op node
+    (plan order; 0 for a missing operand or one the op passes no gradient), each op kind's
+    backward at an upstream gradient of 1 on its forward cache, all its nodes in one call."""
+    partials = np.zeros((2, plan.n_ops), dtype)
+    with np.errstate(all="ignore"):
+        for kind in plan.kinds:
+            op = OPS[kind.op_name]
+            operands = [buffer[column[kind.positions]] for column in plan.operands[: kind.arity]]
+            _, cache = op.forward(*operands, **kind.attrs)
+            local = op.backward(np.ones(kind.positions.size, dtype), cache)
+            for row, derivative in zip(partials, local, strict=False):
+                if derivative is not None:
+                    row[kind.positions] = derivative
+    return partials
+
+
+def _backward_by_partials(
+    plan: _Plan, partials: Array, seed: Array, n: int, deadline: float | None
+) -> Array:
+    """The gradient buffer (by buffer position). Per level, from the top: the gradients of its
+    op nodes are complete (their consumers are above), so each edge from them into an op
+    node below adds consumer gradient x local derivative to it. The edges into leaves are
+    added last, all at once."""
+    grad = np.zeros(n + 1, partials.dtype)
+    grad[plan.position[plan.output]] = seed
+    flat = partials.reshape(-1)
+    inner, leafward = plan.inner_edges, plan.leaf_edges
+    consumer, target, derivative = inner.consumer, inner.target, flat[inner.partial]
+    with np.errstate(all="ignore"):
+        for level in reversed(plan.levels):
+            check_deadline(deadline)
+            lo, hi = level.edges
+            if lo == hi:  # every operand is a leaf
+                continue
+            contribution = grad[consumer[lo:hi]] * derivative[lo:hi]
+            if level.edges_distinct:
+                grad[target[lo:hi]] += contribution
+            else:
+                np.add.at(grad, target[lo:hi], contribution)
+        into_leaves = grad[leafward.consumer] * flat[leafward.partial]
+        m = plan.n_ops
+        grad[m:n] += np.bincount(leafward.target - m, into_leaves, minlength=n - m)
+    return grad
 
 
 def _backward_levels(

@@ -319,3 +319,56 @@ def test_local_gradients_of_a_batched_run_match_the_plain_walk(
     for i, grads in slow.items():
         assert fast[i].keys() == grads.keys(), i
         np.testing.assert_array_equal(list(fast[i].values()), list(grads.values()), err_msg=str(i))
+
+
+def test_an_op_node_read_twice_in_a_level_adds_both_edges() -> None:
+    """h = tanh(x) read by h * h and h * c at one level: two edges into one op node in one
+    level, so that level scatters with np.add.at; d/dh of (h*h + h*c) = 2h + c."""
+    specs = [NodeSpec("x", "input", value=np.asarray(0.3))]
+    specs += [NodeSpec("c", "param", value=np.asarray(-0.5))]
+    specs += [NodeSpec(f"pad{k}", "param", value=np.asarray(0.1 * k)) for k in range(300)]
+    specs += [NodeSpec("h", "tanh", ("x",)), NodeSpec("k", "tanh", ("c",))]
+    specs += [NodeSpec("sq", "mul", ("h", "h")), NodeSpec("hc", "mul", ("h", "c"))]
+    specs += [NodeSpec("kk", "mul", ("k", "c")), NodeSpec("s", "add", ("sq", "hc"))]
+    specs += [NodeSpec("out", "add", ("s", "kk"))]
+    program = compile_graph(specs, "out")
+    plan = batch_plan(program)
+    assert plan is not None
+    by_level = {group.op_name: level for level in plan.levels for group in level.groups}
+    assert not by_level["mul"].edges_distinct  # h three times among the mul level's edges
+    assert by_level["tanh"].edges == (0, 0)  # its operands are leaves: added at the end
+    result = run(program)
+    h, x = np.tanh(0.3), program.ids.index("x")
+    assert float(result.grads[program.ids.index("h")]) == pytest.approx(2 * h - 0.5, rel=1e-15)
+    assert float(result.grads[x]) == pytest.approx((2 * h - 0.5) * (1 - h * h), rel=1e-15)
+    k = np.tanh(-0.5)  # c: from h * c, from k * c and through k = tanh(c)
+    want_c = h + k + (-0.5) * (1 - k * k)
+    assert float(result.grads[program.ids.index("c")]) == pytest.approx(want_c, rel=1e-15)
+
+
+def test_finite_gradients_take_the_local_derivatives_and_a_blocked_inf_the_ops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Backward multiplies by local derivatives (the ops' backward at 1) while every gradient
+    is finite; an infinite upstream gradient that a relu blocks would be inf * 0 = NaN that
+    way, so the backward is redone by the ops' own backward, which gives the relu's 0."""
+    calls: list[int] = []
+    exact = graph._backward_levels
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return exact(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(graph, "_backward_levels", counted)
+    specs = random_dag(5, 400)
+    run(compile_graph(specs, specs[-1].id))
+    assert calls == []
+    specs = [NodeSpec("x", "input", value=np.asarray(-1.0))]
+    specs += [NodeSpec("big", "param", value=np.asarray(1e308))]
+    specs += [NodeSpec(f"pad{k}", "param", value=np.asarray(0.1 * k)) for k in range(300)]
+    specs += [NodeSpec("r", "relu", ("x",)), NodeSpec("huge", "mul", ("big", "big"))]
+    specs += [NodeSpec("out", "mul", ("r", "huge"))]  # d out / d r = inf; r is blocked
+    result = run(compile_graph(specs, "out"))
+    assert calls == [1]
+    assert float(result.grads[specs.index(specs[0])]) == 0.0  # not NaN
+    assert np.isinf(float(result.grads[[s.id for s in specs].index("r")]))
