@@ -575,7 +575,6 @@ class _Level:
     stop: int
     groups: list[_Group]
     arity: int  # the most operands a group of it takes
-    distinct: tuple[bool, ...]  # per position: no buffer index repeats, so `+=` is exact
     edges: tuple[int, int]  # its slice of `_Plan.inner_edges` (its consumers' edges)
     edges_distinct: bool  # no target repeats in that slice, so `+=` is exact
 
@@ -625,10 +624,10 @@ class _Plan:
 
 @dataclass
 class _BatchedCaches:
-    """What a batched forward hands its backward: the plan and each group's op cache."""
+    """What a batched forward hands its backward: the plan and the values. No op caches: the
+    backward evaluates the ops again, all nodes of a kind at once, from the value buffer."""
 
     plan: _Plan
-    caches: list[list[Any]]  # [level][group]
     values: Array  # the values in row order
     buffer: Array  # the values in plan order (the forward's buffer)
     grads: Array | None = None  # the gradients in row order, once backward ran
@@ -718,9 +717,6 @@ def plan_columns(
     group_starts = _starts(key[by_key])
     level_starts = _starts(level_of)
     n_levels = level_starts.size + 1  # numbered 1.., every one used (0: the leaves)
-    distinct = [  # per operand position (the scratch slot counts: unary ops repeat it)
-        _distinct_by_level(level_of, column, n_levels)[1:].tolist() for column in buffer_operands
-    ]
     inner_edges, leaf_edges = _split_edges(buffer_operands, n, m)
     edge_bounds = np.searchsorted(inner_edges.consumer, [*level_starts.tolist(), m]).tolist()
     edges_distinct = _distinct_by_level(
@@ -740,14 +736,12 @@ def plan_columns(
     ]
     bounds = [*level_starts.tolist(), m]
     first_group = [*np.searchsorted(group_starts, level_starts).tolist(), len(groups)]
-    distinct_by_level = list(zip(*distinct, strict=True))  # (first operand, second) each
     plan_levels = [
         _Level(
             bounds[k],
             bounds[k + 1],
             groups[first_group[k] : first_group[k + 1]],
             arity,
-            distinct_by_level[k][:arity],
             (edge_bounds[k], edge_bounds[k + 1]),
             edges_distinct[k],
         )
@@ -778,14 +772,19 @@ def _split_edges(buffer_operands: tuple[Array, ...], n: int, m: int) -> tuple[_E
     order of the op node: those into op nodes (the backward adds them level by level) and
     those into leaves (nothing reads a leaf's gradient, so they are added at the end, in one
     call)."""
-    targets = np.stack(buffer_operands, axis=1).reshape(-1)  # op 0's two operands, op 1's...
-    partial = (np.arange(m)[:, np.newaxis] + np.array([0, m])).reshape(-1)  # row-major (2, m)
-    consumer = np.repeat(np.arange(m), 2)
-    into_ops = targets < m
-    into_leaves = ~into_ops & (targets != n)
-    return (
-        _Edges(consumer[into_ops], targets[into_ops], partial[into_ops]),
-        _Edges(consumer[into_leaves], targets[into_leaves], partial[into_leaves]),
+    # edge e = 2p + k is op p's k-th operand: filled by strided 1-d copies (an (m, 2) array
+    # built by broadcasting loops in C over rows of 2, ~20x slower)
+    targets = np.empty(2 * m, np.intp)
+    for k, column in enumerate(buffer_operands):
+        targets[k::2] = column
+
+    def edges(at: Array) -> _Edges:  # the flattened (2, m) partials: row k, column p
+        consumer = at >> 1
+        return _Edges(consumer, targets[at], consumer + (at & 1) * m)
+
+    # flatnonzero, then take: ~3x faster than boolean-mask indexing on a random mask
+    return edges(np.flatnonzero(targets < m)), edges(
+        np.flatnonzero((targets >= m) & (targets != n))
     )
 
 
@@ -865,22 +864,17 @@ def _forward_batched(
         buf[m:n] = np.fromiter(
             (leaf_values[i] for i in leaves.tolist()), program.dtype, count=leaves.size
         )
-    caches: list[list[Any]] = []
     with np.errstate(all="ignore"):
         for level in plan.levels:
             check_deadline(deadline)
             start = level.start
             gathered = [buf[column[start : level.stop]] for column in plan.operands[: level.arity]]
-            level_caches = []
             for group in level.groups:
                 lo, hi = group.start - start, group.stop - start
                 args = [operand[lo:hi] for operand in gathered[: group.arity]]
-                out, cache = OPS[group.op_name].forward(*args, **group.attrs)
-                buf[group.start : group.stop] = out
-                level_caches.append(cache)
-            caches.append(level_caches)
+                buf[group.start : group.stop], _ = OPS[group.op_name].forward(*args, **group.attrs)
     values = buf[plan.position[:n]]
-    return ScalarColumn(values), _BatchedCaches(plan, caches, values, buf)
+    return ScalarColumn(values), _BatchedCaches(plan, values, buf)
 
 
 def _backward_batched(
@@ -892,7 +886,7 @@ def _backward_batched(
     grad = _backward_by_partials(plan, partials, seed, n, deadline)
     if not all_finite(grad[:n]):  # redo by the ops' backward, unreached nodes held at 0
         live = _reached(plan, n)
-        grad = _backward_levels(plan, batched.caches, seed, n, program.dtype, live, deadline)
+        grad = _backward_levels(plan, batched.buffer, seed, n, live, deadline)
     grads_by_row = grad[plan.position[:n]]
     if plan.consts:
         grads_by_row[plan.consts] = 0.0  # seeded when a const is the output; no gradient
@@ -948,45 +942,31 @@ def _backward_by_partials(
 
 def _backward_levels(
     plan: _Plan,
-    caches: list[list[Any]],
+    buffer: Array,
     seed: Array,
     n: int,
-    dtype: np.dtype[Any],
-    live: Array | None,
+    live: Array,
     deadline: float | None,
 ) -> Array:
-    """The gradient buffer (by buffer position). `live` (by position): add nothing from a
-    node without a path to the output."""
-    grad = np.zeros(n + 1, dtype)
+    """The gradient buffer (by buffer position) by each group's op backward at its real
+    upstream gradients (its forward cache made again from the values): the exact rules
+    where a gradient is non-finite. `live` (by position): add nothing from a node without
+    a path to the output. Taken only when a gradient is non-finite, so it is plain: a
+    group at a time, every scatter by `np.add.at`."""
+    grad = np.zeros(n + 1, buffer.dtype)
     grad[plan.position[plan.output]] = seed
     with np.errstate(all="ignore"):
-        for level, level_caches in zip(reversed(plan.levels), reversed(caches), strict=True):
+        for level in reversed(plan.levels):
             check_deadline(deadline)
-            start, stop = level.start, level.stop
-            dout = grad[start:stop]
-            single = len(level.groups) == 1
-            parts = None if single else [np.empty(stop - start, dtype) for _ in range(level.arity)]
-            for group, cache in zip(level.groups, level_caches, strict=True):
-                lo, hi = group.start - start, group.stop - start
-                local: Sequence[Array | None] = OPS[group.op_name].backward(dout[lo:hi], cache)
-                if live is not None:
-                    local = _live_only(local, live[group.start : group.stop])
-                if parts is None:
-                    parts = [np.zeros(0) if d is None else d for d in local]
-                else:
-                    for part, d in zip(parts, local, strict=False):
-                        part[lo:hi] = 0.0 if d is None else d
-            assert parts is not None
-            for column, is_distinct, part in zip(
-                plan.operands, level.distinct, parts, strict=False
-            ):
-                if not part.size:
-                    continue
-                where = column[start:stop]
-                if is_distinct:
-                    grad[where] += part
-                else:
-                    np.add.at(grad, where, part)
+            for group in level.groups:
+                rows = slice(group.start, group.stop)
+                op = OPS[group.op_name]
+                operands = plan.operands[: group.arity]
+                _, cache = op.forward(*(buffer[column[rows]] for column in operands), **group.attrs)
+                local = _live_only(op.backward(grad[rows], cache), live[rows])
+                for column, d in zip(operands, local, strict=True):
+                    if d is not None:
+                        np.add.at(grad, column[rows], d)
     return grad
 
 

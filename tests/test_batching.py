@@ -252,10 +252,9 @@ def test_scalar_diagnostics_exploding_and_nonfinite_leaves() -> None:
     assert fast.parameter_tensors == fast.parameter_total == 300
 
 
-def test_plan_groups_repeat_operands_with_add_at() -> None:
-    """x * x and two nodes of one level sharing an operand: the level is marked not
-    distinct, so backward accumulates with np.add.at (d(x*x)/dx = 2x, and both users add
-    up)."""
+def test_a_leaf_read_twice_in_a_level_adds_both_edges() -> None:
+    """x * x and x * c at one level: x's three edges are added after the walk, in one
+    bincount; d(x*x + x*c)/dx = 2x + c."""
     specs = [NodeSpec("x", "input", value=np.asarray(1.5))]
     specs += [NodeSpec("c", "param", value=np.asarray(-0.5))]
     specs += [NodeSpec(f"pad{k}", "param", value=np.asarray(0.1 * k)) for k in range(300)]
@@ -265,7 +264,7 @@ def test_plan_groups_repeat_operands_with_add_at() -> None:
     plan = batch_plan(program)
     assert plan is not None
     (level,) = [level for level in plan.levels if any(g.op_name == "mul" for g in level.groups)]
-    assert level.distinct == (False, True)  # x twice in the first position; x, c distinct
+    assert level.edges == (0, 0)  # every operand of the level is a leaf
     result = run(program)
     x = program.ids.index("x")
     assert float(result.grads[x]) == pytest.approx(2 * 1.5 - 0.5)  # 2x + c
