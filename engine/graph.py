@@ -575,7 +575,7 @@ class _Level:
     stop: int
     groups: list[_Group]
     arity: int  # the most operands a group of it takes
-    edges: tuple[int, int]  # its slice of `_Plan.inner_edges` (its consumers' edges)
+    edge_span: tuple[int, int]  # its slice of `_Plan.inner_edges` (its op nodes' edges)
     edges_distinct: bool  # no target repeats in that slice, so `+=` is exact
 
 
@@ -886,7 +886,7 @@ def _backward_batched(
     grad = _backward_by_partials(plan, partials, seed, n, deadline)
     if not all_finite(grad[:n]):  # redo by the ops' backward, unreached nodes held at 0
         live = _reached(plan, n)
-        grad = _backward_levels(plan, batched.buffer, seed, n, live, deadline)
+        grad = _backward_by_ops(plan, batched.buffer, seed, n, live, deadline)
     grads_by_row = grad[plan.position[:n]]
     if plan.consts:
         grads_by_row[plan.consts] = 0.0  # seeded when a const is the output; no gradient
@@ -926,7 +926,7 @@ def _backward_by_partials(
     with np.errstate(all="ignore"):
         for level in reversed(plan.levels):
             check_deadline(deadline)
-            lo, hi = level.edges
+            lo, hi = level.edge_span
             if lo == hi:  # every operand is a leaf
                 continue
             contribution = grad[consumer[lo:hi]] * derivative[lo:hi]
@@ -940,7 +940,7 @@ def _backward_by_partials(
     return grad
 
 
-def _backward_levels(
+def _backward_by_ops(
     plan: _Plan,
     buffer: Array,
     seed: Array,

@@ -264,7 +264,7 @@ def test_a_leaf_read_twice_in_a_level_adds_both_edges() -> None:
     plan = batch_plan(program)
     assert plan is not None
     (level,) = [level for level in plan.levels if any(g.op_name == "mul" for g in level.groups)]
-    assert level.edges == (0, 0)  # every operand of the level is a leaf
+    assert level.edge_span == (0, 0)  # every operand of the level is a leaf
     result = run(program)
     x = program.ids.index("x")
     assert float(result.grads[x]) == pytest.approx(2 * 1.5 - 0.5)  # 2x + c
@@ -335,7 +335,7 @@ def test_an_op_node_read_twice_in_a_level_adds_both_edges() -> None:
     assert plan is not None
     by_level = {group.op_name: level for level in plan.levels for group in level.groups}
     assert not by_level["mul"].edges_distinct  # h three times among the mul level's edges
-    assert by_level["tanh"].edges == (0, 0)  # its operands are leaves: added at the end
+    assert by_level["tanh"].edge_span == (0, 0)  # its operands are leaves: added at the end
     result = run(program)
     h, x = np.tanh(0.3), program.ids.index("x")
     assert float(result.grads[program.ids.index("h")]) == pytest.approx(2 * h - 0.5, rel=1e-15)
@@ -352,13 +352,13 @@ def test_finite_gradients_take_the_local_derivatives_and_a_blocked_inf_the_ops(
     is finite; an infinite upstream gradient that a relu blocks would be inf * 0 = NaN that
     way, so the backward is redone by the ops' own backward, which gives the relu's 0."""
     calls: list[int] = []
-    exact = graph._backward_levels
+    exact = graph._backward_by_ops
 
     def counted(*args: object) -> object:
         calls.append(1)
         return exact(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(graph, "_backward_levels", counted)
+    monkeypatch.setattr(graph, "_backward_by_ops", counted)
     specs = random_dag(5, 400)
     run(compile_graph(specs, specs[-1].id))
     assert calls == []
