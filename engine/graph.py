@@ -544,18 +544,20 @@ def run(
 # forward on a slice of them. The buffer holds the op nodes in plan order (level, then
 # group), so a group's outputs are a contiguous slice, then the leaves.
 #
-# Backward first takes every node's local derivatives, d node / d operand, one call per op
-# kind over all its nodes at once: the op's own backward at an upstream gradient of 1 (for
-# an elementwise op the vector-Jacobian product at 1 is the derivative). Then it walks the
-# levels from the top; a level's gradients are complete when it is reached, so each of its
-# edges into an op node below adds gradient x derivative to that node's slot in a flat
-# gradient buffer: one gather, one multiply and one scatter per level (`+=` when no target
-# repeats in the level, `np.add.at` otherwise). The edges into leaves, which nothing reads
+# Backward first takes the local derivatives, d node / d operand, of every node whose op
+# `scales` (its backward is dout times a derivative made from the cache alone), one call
+# per op kind over all its nodes at once: the op's own backward at an upstream gradient of
+# 1. Then it walks the levels from the top; a level's gradients are complete when it is
+# reached, so each edge from it into an op node below adds gradient x derivative to that
+# node's slot in a flat gradient buffer: one gather, one multiply and one scatter per level
+# (`+=` when no target repeats in the level, `np.add.at` otherwise), the same products the
+# op's backward makes, bit for bit. The other ops' groups (div, log, sqrt, reciprocal) call
+# their backward at the level's gradients. The edges into leaves, which nothing reads
 # during the walk, are added after it in one `np.bincount`. When a gradient comes out NaN
-# or infinite the backward is redone group by group with the ops' backward at the real
-# upstream gradients: a relu blocks an infinite gradient (0, where inf * 0 would be NaN)
-# and a node without a path to the output adds nothing. Only ops marked `elementwise` in
-# the op table are batched; any other graph takes the per-node walk.
+# or infinite the backward is redone group by group with the ops' backward: a relu blocks
+# an infinite gradient (0, where inf * 0 would be NaN) and a node without a path to the
+# output adds nothing. Only ops marked `elementwise` in the op table are batched; any
+# other graph takes the per-node walk.
 
 BATCH_MIN_NODES = 256  # below this the per-node walk is about as fast
 
@@ -577,6 +579,7 @@ class _Level:
     arity: int  # the most operands a group of it takes
     edge_span: tuple[int, int]  # its slice of `_Plan.inner_edges` (its op nodes' edges)
     edges_distinct: bool  # no target repeats in that slice, so `+=` is exact
+    exact_groups: list[_Group]  # its groups whose op does not `scale`: backward per group
 
 
 @dataclass(slots=True)
@@ -613,9 +616,9 @@ class _Plan:
     consts: list[int]
     edges: tuple[Array, Array]  # the program's first and second operand rows (-1: none)
     output: int
-    kinds: list[_Kind]
-    inner_edges: _Edges  # the edges into op nodes, in plan order of their consumers
-    leaf_edges: _Edges  # the edges into leaves
+    kinds: list[_Kind]  # the op kinds that `scale`
+    inner_edges: _Edges  # their edges into op nodes, in plan order of their consumers
+    leaf_edges: _Edges  # their edges into leaves
 
     @property
     def leaves(self) -> Array:
@@ -717,7 +720,8 @@ def plan_columns(
     group_starts = _starts(key[by_key])
     level_starts = _starts(level_of)
     n_levels = level_starts.size + 1  # numbered 1.., every one used (0: the leaves)
-    inner_edges, leaf_edges = _split_edges(buffer_operands, n, m)
+    scales = np.array([OPS[op].scales for op, _ in names], bool)
+    inner_edges, leaf_edges = _split_edges(buffer_operands, n, scales[code_of])
     edge_bounds = np.searchsorted(inner_edges.consumer, [*level_starts.tolist(), m]).tolist()
     edges_distinct = _distinct_by_level(
         level_of[inner_edges.consumer], inner_edges.target, n_levels
@@ -740,17 +744,19 @@ def plan_columns(
         _Level(
             bounds[k],
             bounds[k + 1],
-            groups[first_group[k] : first_group[k + 1]],
+            level_groups,
             arity,
             (edge_bounds[k], edge_bounds[k + 1]),
             edges_distinct[k],
+            [group for group in level_groups if not OPS[group.op_name].scales],
         )
         for k, arity in enumerate(level_arity)
+        for level_groups in (groups[first_group[k] : first_group[k + 1]],)
     ]
     kinds = [
         _Kind(op, attrs, OPS[op].arity, positions)
         for code, (op, attrs) in enumerate(names)
-        if (positions := np.flatnonzero(code_of == code)).size
+        if OPS[op].scales and (positions := np.flatnonzero(code_of == code)).size
     ]
     return _Plan(
         plan_levels,
@@ -767,25 +773,29 @@ def plan_columns(
     )
 
 
-def _split_edges(buffer_operands: tuple[Array, ...], n: int, m: int) -> tuple[_Edges, _Edges]:
-    """Every (op node, operand) edge but the missing operands (the scratch slot n), in plan
-    order of the op node: those into op nodes (the backward adds them level by level) and
-    those into leaves (nothing reads a leaf's gradient, so they are added at the end, in one
-    call)."""
+def _split_edges(
+    buffer_operands: tuple[Array, ...], n: int, scales: Array
+) -> tuple[_Edges, _Edges]:
+    """The (op node, operand) edges of the op nodes that `scale` (by plan position), but
+    the missing operands (the scratch slot n), in plan order of the op node: those into op
+    nodes (the backward adds them level by level) and those into leaves (nothing reads a
+    leaf's gradient, so they are added at the end, in one call)."""
+    m = scales.size
     # edge e = 2p + k is op p's k-th operand: filled by strided 1-d copies (an (m, 2) array
     # built by broadcasting loops in C over rows of 2, ~20x slower)
     targets = np.empty(2 * m, np.intp)
+    kept = np.empty(2 * m, bool)
     for k, column in enumerate(buffer_operands):
         targets[k::2] = column
+        kept[k::2] = scales
 
     def edges(at: Array) -> _Edges:  # the flattened (2, m) partials: row k, column p
         consumer = at >> 1
         return _Edges(consumer, targets[at], consumer + (at & 1) * m)
 
     # flatnonzero, then take: ~3x faster than boolean-mask indexing on a random mask
-    return edges(np.flatnonzero(targets < m)), edges(
-        np.flatnonzero((targets >= m) & (targets != n))
-    )
+    into_ops = kept & (targets < m)
+    return edges(np.flatnonzero(into_ops)), edges(np.flatnonzero(kept & ~into_ops & (targets != n)))
 
 
 def _stable_order(key: Array) -> Array:
@@ -883,7 +893,7 @@ def _backward_batched(
     plan = batched.plan
     n = len(program)
     partials = _local_partials(plan, batched.buffer, program.dtype)
-    grad = _backward_by_partials(plan, partials, seed, n, deadline)
+    grad = _backward_by_partials(plan, partials, batched.buffer, seed, n, deadline)
     if not all_finite(grad[:n]):  # redo by the ops' backward, unreached nodes held at 0
         live = _reached(plan, n)
         grad = _backward_by_ops(plan, batched.buffer, seed, n, live, deadline)
@@ -912,12 +922,13 @@ def _local_partials(plan: _Plan, buffer: Array, dtype: np.dtype[Any]) -> Array:
 
 
 def _backward_by_partials(
-    plan: _Plan, partials: Array, seed: Array, n: int, deadline: float | None
+    plan: _Plan, partials: Array, buffer: Array, seed: Array, n: int, deadline: float | None
 ) -> Array:
     """The gradient buffer (by buffer position). Per level, from the top: the gradients of its
     op nodes are complete (their consumers are above), so each edge from them into an op
-    node below adds consumer gradient x local derivative to it. The edges into leaves are
-    added last, all at once."""
+    node below adds consumer gradient x local derivative to it, and each group of an op
+    that does not `scale` runs its backward. The edges into leaves are added last, all at
+    once."""
     grad = np.zeros(n + 1, partials.dtype)
     grad[plan.position[plan.output]] = seed
     flat = partials.reshape(-1)
@@ -927,13 +938,14 @@ def _backward_by_partials(
         for level in reversed(plan.levels):
             check_deadline(deadline)
             lo, hi = level.edge_span
-            if lo == hi:  # every operand is a leaf
-                continue
-            contribution = grad[consumer[lo:hi]] * derivative[lo:hi]
-            if level.edges_distinct:
-                grad[target[lo:hi]] += contribution
-            else:
-                np.add.at(grad, target[lo:hi], contribution)
+            if lo < hi:  # else every operand is a leaf or of an exact group
+                contribution = grad[consumer[lo:hi]] * derivative[lo:hi]
+                if level.edges_distinct:
+                    grad[target[lo:hi]] += contribution
+                else:
+                    np.add.at(grad, target[lo:hi], contribution)
+            for group in level.exact_groups:
+                _group_backward(plan, buffer, grad, group, None)
         into_leaves = grad[leafward.consumer] * flat[leafward.partial]
         m = plan.n_ops
         grad[m:n] += np.bincount(leafward.target - m, into_leaves, minlength=n - m)
@@ -959,15 +971,26 @@ def _backward_by_ops(
         for level in reversed(plan.levels):
             check_deadline(deadline)
             for group in level.groups:
-                rows = slice(group.start, group.stop)
-                op = OPS[group.op_name]
-                operands = plan.operands[: group.arity]
-                _, cache = op.forward(*(buffer[column[rows]] for column in operands), **group.attrs)
-                local = _live_only(op.backward(grad[rows], cache), live[rows])
-                for column, d in zip(operands, local, strict=True):
-                    if d is not None:
-                        np.add.at(grad, column[rows], d)
+                _group_backward(plan, buffer, grad, group, live)
     return grad
+
+
+def _group_backward(
+    plan: _Plan, buffer: Array, grad: Array, group: _Group, live: Array | None
+) -> None:
+    """Add one group's local gradients at its upstream gradients into its operands' slots:
+    its op's backward on its forward cache, made again from the values. `live` (by
+    position): add nothing from a node without a path to the output."""
+    rows = slice(group.start, group.stop)
+    op = OPS[group.op_name]
+    operands = plan.operands[: group.arity]
+    _, cache = op.forward(*(buffer[column[rows]] for column in operands), **group.attrs)
+    local: Sequence[Array | None] = op.backward(grad[rows], cache)
+    if live is not None:
+        local = _live_only(local, live[rows])
+    for column, d in zip(operands, local, strict=True):
+        if d is not None:
+            np.add.at(grad, column[rows], d)
 
 
 def _live_only(local: Sequence[Array | None], live: Array) -> list[Array | None]:

@@ -6,7 +6,11 @@ Each op is a pair of functions in the style of the CS231n `layers.py`:
     d_operands = <op>_backward(dout, cache)  # one gradient per operand (None: none)
 
 Ops marked `takes_needs` (matmul, affine) take a third argument, `needs`, one bool per
-operand: an operand that needs no gradient gets None and costs no work.
+operand: an operand that needs no gradient gets None and costs no work. Ops marked
+`elementwise` may run many scalar nodes in one call (the graph's level batching); of those,
+ops marked `scales` promise that their backward is `dout * d` with `d` made from the cache
+alone, so that the batching may take `d` once and multiply (tests/test_batching.py checks
+the promise bit for bit for every op that makes it).
 
 `dout` has the shape of `out`. A backward may return a gradient with the *broadcast* shape of
 the op; the graph sums it back to each operand's shape (see `graph.unbroadcast`), so the ops
@@ -75,6 +79,12 @@ class Op:
     # Forward and backward work element by element (no axes, no reductions), so the graph may
     # run many same-op scalar nodes as one call on 1-D arrays (engine.graph level batching).
     elementwise: bool = False
+    # The backward returns `dout * d` per operand, `d` made from the cache alone (and relu's
+    # blocked NaN fix only when dout is not finite): then backward(g) is g times backward(1)
+    # bit for bit, and level batching takes those derivatives once for all nodes and
+    # multiplies. div, log, sqrt and reciprocal divide or scale twice (g / b, -g * out *
+    # out): their derivative as one number can underflow where the product would not.
+    scales: bool = False
     # The backward takes a third argument `needs` (one bool per operand) and returns None for
     # an operand that needs no gradient (a const, a batch nobody reads the gradient of), so
     # `graph.backward` skips work like matmul's d(input), a full matmul of its own.
@@ -309,7 +319,7 @@ def square_forward(x: Array) -> tuple[Array, Cache]:
 
 
 def square_backward(dout: Array, x: Cache) -> Grads:
-    return (dout * 2.0 * x,)
+    return (dout * (2.0 * x),)  # dout * 2.0 first would overflow for dout > max / 2
 
 
 def abs_forward(x: Array) -> tuple[Array, Cache]:
@@ -369,7 +379,7 @@ def sigmoid_forward(x: Array) -> tuple[Array, Cache]:
 
 
 def sigmoid_backward(dout: Array, out: Cache) -> Grads:
-    return (dout * out * (1.0 - out),)
+    return (dout * (out * (1.0 - out)),)
 
 
 def tanh_forward(x: Array) -> tuple[Array, Cache]:
@@ -546,11 +556,12 @@ _KEEPDIMS = "bool; keep reduced axes with size 1 (default false)"
 
 _TABLE: list[Op] = [
     Op("add", 2, "a + b (broadcasting)", add_forward, add_backward, broadcast_shape,
-       role=_DISTRIBUTES, elementwise=True),
+       role=_DISTRIBUTES, elementwise=True, scales=True),
     Op("sub", 2, "a - b (broadcasting)", sub_forward, sub_backward, broadcast_shape,
-       role="sub gate: passes the gradient to a unchanged and negated to b", elementwise=True),
+       role="sub gate: passes the gradient to a unchanged and negated to b", elementwise=True,
+       scales=True),
     Op("mul", 2, "a * b elementwise (broadcasting)", mul_forward, mul_backward, broadcast_shape,
-       role=_SWAPS, elementwise=True),
+       role=_SWAPS, elementwise=True, scales=True),
     Op("div", 2, "a / b (broadcasting)", div_forward, div_backward, broadcast_shape,
        role="div gate: da = g / b, db = -g * a / b^2", elementwise=True),
     # not `elementwise` for batching: NumPy's power loop swaps in sqrt/reciprocal for a scalar
@@ -559,35 +570,39 @@ _TABLE: list[Op] = [
     Op("pow", 2, "base ** exponent (broadcasting)", pow_forward, pow_backward, broadcast_shape,
        role=_LOCAL),
     Op("max", 2, "elementwise maximum of a and b", max_forward, pick_backward, broadcast_shape,
-       role=_ROUTES, elementwise=True),
+       role=_ROUTES, elementwise=True, scales=True),
     Op("min", 2, "elementwise minimum of a and b", min_forward, pick_backward, broadcast_shape,
        role="min gate: routes the whole gradient to the smaller input (a tie splits it)",
-       elementwise=True),
+       elementwise=True, scales=True),
     Op("identity", 1, "x unchanged (a linear layer's activation)", identity_forward,
        identity_backward, same_shape, role="passes the gradient through unchanged",
-       elementwise=True),
+       elementwise=True, scales=True),
     Op("neg", 1, "-x", neg_forward, neg_backward, same_shape, role="negates the gradient",
-       elementwise=True),
-    Op("exp", 1, "e ** x", exp_forward, exp_backward, same_shape, role=_LOCAL, elementwise=True),
+       elementwise=True, scales=True),
+    Op("exp", 1, "e ** x", exp_forward, exp_backward, same_shape, role=_LOCAL, elementwise=True,
+       scales=True),
     Op("log", 1, "natural logarithm", log_forward, log_backward, same_shape, role=_LOCAL,
        elementwise=True),
     Op("sqrt", 1, "square root", sqrt_forward, sqrt_backward, same_shape, role=_LOCAL,
        elementwise=True),
     Op("square", 1, "x * x", square_forward, square_backward, same_shape, role=_LOCAL,
-       elementwise=True),
+       elementwise=True, scales=True),
     Op("abs", 1, "|x| (abs'(0) = 0)", abs_forward, abs_backward, same_shape, role=_LOCAL,
-       elementwise=True),
+       elementwise=True, scales=True),
     Op("reciprocal", 1, "1 / x", reciprocal_forward, reciprocal_backward, same_shape,
        role=_LOCAL, elementwise=True),
     Op("relu", 1, "max(0, x) (relu'(0) = 0)", relu_forward, relu_backward, same_shape,
-       role="relu gate: passes the gradient where x > 0 and blocks it elsewhere", elementwise=True),
+       role="relu gate: passes the gradient where x > 0 and blocks it elsewhere", elementwise=True,
+       scales=True),
     Op("leaky_relu", 1, "x if x > 0 else alpha * x", leaky_relu_forward, leaky_relu_backward,
        same_shape, attrs={"alpha": "number; the slope for x <= 0 (default 0.01)"},
-       role="passes the gradient where x > 0 and scales it by alpha elsewhere", elementwise=True),
+       role="passes the gradient where x > 0 and scales it by alpha elsewhere", elementwise=True,
+       scales=True),
     Op("sigmoid", 1, "1 / (1 + e^-x), computed stably", sigmoid_forward, sigmoid_backward,
-       same_shape, role="sigmoid gate: scales the gradient by s * (1 - s)", elementwise=True),
+       same_shape, role="sigmoid gate: scales the gradient by s * (1 - s)", elementwise=True,
+       scales=True),
     Op("tanh", 1, "hyperbolic tangent", tanh_forward, tanh_backward, same_shape,
-       role="tanh gate: scales the gradient by 1 - t^2", elementwise=True),
+       role="tanh gate: scales the gradient by 1 - t^2", elementwise=True, scales=True),
     Op("matmul", 2, "matrix product a @ b (NumPy rules)", matmul_forward, matmul_backward,
        matmul_shape, flops=matmul_flops,
        role="matmul gate: da = g @ b.T, db = a.T @ g (each input scaled by the other: swap)",

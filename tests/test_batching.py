@@ -7,6 +7,7 @@ of equal operands), consts, nodes that do not reach the output, and non-finite v
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 
 import numpy as np
@@ -18,6 +19,7 @@ from engine import graph
 from engine.diagnostics import Thresholds, graph_diagnostics
 from engine.explain import local_grads
 from engine.graph import NodeSpec, batch_plan, compile_graph, run
+from engine.ops import OPS
 
 UNARY = ["identity", "neg", "exp", "log", "sqrt", "square", "abs", "reciprocal", "relu",
          "sigmoid", "tanh", "leaky_relu"]  # fmt: skip
@@ -367,7 +369,61 @@ def test_finite_gradients_take_the_local_derivatives_and_a_blocked_inf_the_ops(
     specs += [NodeSpec(f"pad{k}", "param", value=np.asarray(0.1 * k)) for k in range(300)]
     specs += [NodeSpec("r", "relu", ("x",)), NodeSpec("huge", "mul", ("big", "big"))]
     specs += [NodeSpec("out", "mul", ("r", "huge"))]  # d out / d r = inf; r is blocked
-    result = run(compile_graph(specs, "out"))
+    program = compile_graph(specs, "out")
+    result = run(program)
     assert calls == [1]
-    assert float(result.grads[specs.index(specs[0])]) == 0.0  # not NaN
-    assert np.isinf(float(result.grads[[s.id for s in specs].index("r")]))
+    assert float(result.grads[program.ids.index("x")]) == 0.0  # not NaN
+    assert np.isinf(float(result.grads[program.ids.index("r")]))
+
+
+SCALING = [name for name, op in OPS.items() if op.scales]
+
+
+@pytest.mark.parametrize("name", SCALING)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_op_that_scales_has_a_backward_of_g_times_its_derivative(name: str, dtype: type) -> None:
+    """What `scales` promises the level batching: for finite upstream gradients, the op's
+    backward is g times its backward at 1, bit for bit, over ordinary, huge, tiny, zero and
+    subnormal values (the batched backward multiplies those derivatives by g)."""
+    op, info = OPS[name], np.finfo(dtype)
+    special = [0.0, -0.0, 1.0, -2.5, 0.3, 1e-3, info.tiny, info.tiny / 8, info.max / 1.5]
+    rng = np.random.default_rng(0)
+    values = np.concatenate((special, -np.array(special), rng.standard_normal(64) * 10))
+    values = values.astype(dtype)
+    grads = np.concatenate((special, -np.array(special), rng.standard_normal(8) * 1e30))
+    with np.errstate(all="ignore"):
+        for a, b, g in itertools.product(values[::5], values[::7], grads.astype(dtype)):
+            operands = [np.full(4, a), np.full(4, b)][: op.arity]
+            _, cache = op.forward(*operands)
+            upstream = np.full(4, g, dtype)
+            got = op.backward(upstream, cache)
+            scaled = op.backward(np.ones(4, dtype), cache)
+            for d, d1 in zip(got, scaled, strict=True):
+                assert np.array_equal(d, upstream * d1, equal_nan=True), (a, b, g)
+
+
+@pytest.mark.parametrize(
+    ("op", "value", "scale", "dtype"),
+    [
+        ("reciprocal", 1e200, 1e300, np.float64),  # d = -1/x^2 = -1e-400 underflows alone
+        ("reciprocal", 1e25, 1e30, np.float32),
+        ("sqrt", 1e-300, 1e-300, np.float64),
+        ("log", 1e-310, 1e-300, np.float64),  # 1/x overflows alone; g/x does not
+        ("square", 0.1, 1e308, np.float64),  # g * 2 overflows first in the old order
+        ("sigmoid", 3.0, 1e308, np.float64),
+    ],
+)
+def test_extreme_local_derivatives_match_the_plain_walk(
+    op: str, value: float, scale: float, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream gradient so large or small that the op's derivative alone would underflow
+    or overflow: ops that do not `scale` (reciprocal, div, sqrt, log) run their own backward
+    in the batched walk too, so the gradient is the per-node walk's exactly."""
+    specs = [NodeSpec("x", "param", value=np.asarray(value))]
+    specs += [NodeSpec("big", "param", value=np.asarray(scale))]
+    specs += [NodeSpec(f"pad{k}", "param", value=np.asarray(0.1 * k)) for k in range(300)]
+    specs += [NodeSpec("f", op, ("x",)), NodeSpec("out", "mul", ("f", "big"))]
+    batched, plain = both_paths(specs, "out", monkeypatch, dtype)
+    x = batched.program.ids.index("x")
+    assert float(batched.grads[x]) == float(plain.grads[x])
+    assert float(plain.grads[x]) != 0.0
