@@ -550,14 +550,14 @@ def run(
 # 1. Then it walks the levels from the top; a level's gradients are complete when it is
 # reached, so each edge from it into an op node below adds gradient x derivative to that
 # node's slot in a flat gradient buffer: one gather, one multiply and one scatter per level
-# (`+=` when no target repeats in the level, `np.add.at` otherwise), the same products the
-# op's backward makes, bit for bit. The other ops' groups (div, log, sqrt, reciprocal) call
-# their backward at the level's gradients. The edges into leaves, which nothing reads
-# during the walk, are added after it in one `np.bincount`. When a gradient comes out NaN
-# or infinite the backward is redone group by group with the ops' backward: a relu blocks
-# an infinite gradient (0, where inf * 0 would be NaN) and a node without a path to the
-# output adds nothing. Only ops marked `elementwise` in the op table are batched; any
-# other graph takes the per-node walk.
+# (`+=` when no target repeats in the level, `np.add.at` otherwise): the products the op's
+# backward makes, summed in level order rather than the per-node walk's. The other ops'
+# groups (div, log, sqrt, reciprocal) call their backward at the level's gradients. The
+# edges into leaves, which nothing reads during the walk, are added after it in one
+# `np.bincount`. When a gradient comes out NaN or infinite the backward is redone group by
+# group with the ops' backward: a relu blocks an infinite gradient (0, where inf * 0 would
+# be NaN) and a node without a path to the output adds nothing. Only ops marked
+# `elementwise` in the op table are batched; any other graph takes the per-node walk.
 
 BATCH_MIN_NODES = 256  # below this the per-node walk is about as fast
 
@@ -577,7 +577,7 @@ class _Level:
     stop: int
     groups: list[_Group]
     arity: int  # the most operands a group of it takes
-    edge_span: tuple[int, int]  # its slice of `_Plan.inner_edges` (its op nodes' edges)
+    edge_span: tuple[int, int]  # its slice of `_Plan.inner_edges` (its scaling nodes' edges)
     edges_distinct: bool  # no target repeats in that slice, so `+=` is exact
     exact_groups: list[_Group]  # its groups whose op does not `scale`: backward per group
 
@@ -906,8 +906,9 @@ def _backward_batched(
 
 def _local_partials(plan: _Plan, buffer: Array, dtype: np.dtype[Any]) -> Array:
     """(2, n_ops): d node / d operand for the first and second operand of every op node
-    (plan order; 0 for a missing operand or one the op passes no gradient), each op kind's
-    backward at an upstream gradient of 1 on its forward cache, all its nodes in one call."""
+    whose op `scales` (plan order; 0 for a missing operand, one the op passes no gradient,
+    and the other ops' nodes), each such op kind's backward at an upstream gradient of 1 on
+    its forward cache, all its nodes in one call."""
     partials = np.zeros((2, plan.n_ops), dtype)
     with np.errstate(all="ignore"):
         for kind in plan.kinds:

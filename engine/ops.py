@@ -10,7 +10,7 @@ operand: an operand that needs no gradient gets None and costs no work. Ops mark
 `elementwise` may run many scalar nodes in one call (the graph's level batching); of those,
 ops marked `scales` promise that their backward is `dout * d` with `d` made from the cache
 alone, so that the batching may take `d` once and multiply (tests/test_batching.py checks
-the promise bit for bit for every op that makes it).
+the promise for every op that makes it, on huge, tiny and subnormal values).
 
 `dout` has the shape of `out`. A backward may return a gradient with the *broadcast* shape of
 the op; the graph sums it back to each operand's shape (see `graph.unbroadcast`), so the ops
@@ -79,11 +79,12 @@ class Op:
     # Forward and backward work element by element (no axes, no reductions), so the graph may
     # run many same-op scalar nodes as one call on 1-D arrays (engine.graph level batching).
     elementwise: bool = False
-    # The backward returns `dout * d` per operand, `d` made from the cache alone (and relu's
-    # blocked NaN fix only when dout is not finite): then backward(g) is g times backward(1)
-    # bit for bit, and level batching takes those derivatives once for all nodes and
-    # multiplies. div, log, sqrt and reciprocal divide or scale twice (g / b, -g * out *
-    # out): their derivative as one number can underflow where the product would not.
+    # The backward returns `dout * d` per operand, `d` made from the cache alone: then for a
+    # finite g, backward(g) is g times backward(1) (relu's np.where may give +0 where the
+    # product gives -0, which adds the same), and level batching takes those derivatives
+    # once for all nodes and multiplies. div, log, sqrt and reciprocal divide or scale twice
+    # (g / b, -g * out * out): their derivative as one number can underflow (-1/x^2 at
+    # x = 1e200) or overflow (1/x at a subnormal x) where the product would not.
     scales: bool = False
     # The backward takes a third argument `needs` (one bool per operand) and returns None for
     # an operand that needs no gradient (a const, a batch nobody reads the gradient of), so
@@ -319,7 +320,9 @@ def square_forward(x: Array) -> tuple[Array, Cache]:
 
 
 def square_backward(dout: Array, x: Cache) -> Grads:
-    return (dout * (2.0 * x),)  # dout * 2.0 first would overflow for dout > max / 2
+    # dout * d, as PyTorch: (dout * 2.0) * x overflowed for dout > max / 2 where the product
+    # is finite; 2.0 * x overflows only for |x| > max / 2, where x * x is inf already
+    return (dout * (2.0 * x),)
 
 
 def abs_forward(x: Array) -> tuple[Array, Cache]:
