@@ -409,7 +409,7 @@ def _check_size(limits: Limits, spec: NodeSpec, elements: int, total: int, flops
 
 def forward(
     program: Program, *, deadline: float | None = None
-) -> tuple[Sequence[Array], list[Any] | _BatchedCaches]:
+) -> tuple[Sequence[Array], list[Any] | _BatchedForward]:
     """Values and caches of every node, in topological order. `deadline` (a
     `time.monotonic()` value) is checked between ops (per node, or per batched group level)."""
     check_deadline(deadline)
@@ -445,7 +445,7 @@ def forward(
 
 def backward(
     program: Program,
-    caches: Sequence[Any] | _BatchedCaches,
+    caches: Sequence[Any] | _BatchedForward,
     output_grad: Array | None = None,
     *,
     deadline: float | None = None,
@@ -467,7 +467,7 @@ def backward(
                 loc=("output_grad",),
             )
         grads[out] = seed
-    if isinstance(caches, _BatchedCaches):
+    if isinstance(caches, _BatchedForward):
         batched = _backward_batched(program, caches, grads[out], deadline)  # type: ignore[arg-type]
         if no_grad:
             return [None if i in no_grad else g for i, g in enumerate(batched)]
@@ -530,7 +530,7 @@ def run(
 ) -> Result:
     values, caches = forward(program, deadline=deadline)
     grads = backward(program, caches, output_grad, deadline=deadline)
-    if isinstance(caches, _BatchedCaches):
+    if isinstance(caches, _BatchedForward):
         return Result(program, values, grads, caches.values, caches.grads)
     return Result(program, values, grads)
 
@@ -626,7 +626,7 @@ class _Plan:
 
 
 @dataclass
-class _BatchedCaches:
+class _BatchedForward:
     """What a batched forward hands its backward: the plan and the values. No op caches: the
     backward evaluates the ops again, all nodes of a kind at once, from the value buffer."""
 
@@ -740,18 +740,18 @@ def plan_columns(
     ]
     bounds = [*level_starts.tolist(), m]
     first_group = [*np.searchsorted(group_starts, level_starts).tolist(), len(groups)]
+    groups_of = [groups[first_group[k] : first_group[k + 1]] for k in range(len(level_arity))]
     plan_levels = [
         _Level(
             bounds[k],
             bounds[k + 1],
-            level_groups,
+            groups_of[k],
             arity,
             (edge_bounds[k], edge_bounds[k + 1]),
             edges_distinct[k],
-            [group for group in level_groups if not OPS[group.op_name].scales],
+            [group for group in groups_of[k] if not OPS[group.op_name].scales],
         )
         for k, arity in enumerate(level_arity)
-        for level_groups in (groups[first_group[k] : first_group[k + 1]],)
     ]
     kinds = [
         _Kind(op, attrs, OPS[op].arity, positions)
@@ -862,7 +862,7 @@ def _reached(plan: _Plan, n: int) -> Array:
 
 def _forward_batched(
     program: Program, plan: _Plan, deadline: float | None = None
-) -> tuple[ScalarColumn, _BatchedCaches]:
+) -> tuple[ScalarColumn, _BatchedForward]:
     n, m = len(program), plan.n_ops
     buf = np.empty(n + 1, program.dtype)  # + the scratch slot that missing operands read
     buf[n] = 0.0
@@ -884,11 +884,11 @@ def _forward_batched(
                 args = [operand[lo:hi] for operand in gathered[: group.arity]]
                 buf[group.start : group.stop], _ = OPS[group.op_name].forward(*args, **group.attrs)
     values = buf[plan.position[:n]]
-    return ScalarColumn(values), _BatchedCaches(plan, values, buf)
+    return ScalarColumn(values), _BatchedForward(plan, values, buf)
 
 
 def _backward_batched(
-    program: Program, batched: _BatchedCaches, seed: Array, deadline: float | None = None
+    program: Program, batched: _BatchedForward, seed: Array, deadline: float | None = None
 ) -> ScalarColumn:
     plan = batched.plan
     n = len(program)
