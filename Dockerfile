@@ -8,7 +8,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY . .
-RUN python3 -m pip wheel --wheel-dir /wheels .
+RUN python3 -m pip wheel --wheel-dir /wheels '.[server]'
 
 # --- install: the wheels into a venv, in a clean stage (no sources, no build tools) --------
 FROM python:3.11-slim AS install
@@ -16,7 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=build /wheels /wheels
 RUN python3 -m venv /opt/gradiag \
-    && /opt/gradiag/bin/python -m pip install --no-index --find-links=/wheels /wheels/gradiag-*.whl
+    && /opt/gradiag/bin/python -m pip install --no-index --find-links=/wheels 'gradiag[server]'
 
 # --- runtime: the venv alone on the same base; no compilers, no wheels --------------------
 FROM python:3.11-slim
@@ -46,6 +46,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('GRADIAG_PORT') or os.environ.get('PORT') or '8000'), timeout=3)"]
 
 # gunicorn is PID 1 (SIGTERM drains in-flight requests); its settings come from the
-# environment through service/gunicorn_conf.py, given explicitly with -c.
-ENTRYPOINT ["python3", "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
-CMD ["service:create_app()"]
+# environment through gradiag/service/gunicorn_conf.py, given explicitly with -c.
+ENTRYPOINT ["python3", "-m", "gunicorn", "-c", "python:gradiag.service.gunicorn_conf"]
+CMD ["gradiag.service:create_app()"]

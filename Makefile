@@ -12,6 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	mkdir -p $(VENV)/mypy-path && ln -sfn ../.. $(VENV)/mypy-path/gradiag
 	touch $@
 
 serve: $(BIN)/.installed
@@ -21,8 +22,10 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy finds `gradiag` through a link to this folder (an editable install is an import
+# hook, which mypy does not follow)
 typecheck: $(BIN)/.installed
-	$(BIN)/mypy
+	MYPYPATH=$(VENV)/mypy-path $(BIN)/mypy
 
 unit: $(BIN)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)

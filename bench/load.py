@@ -56,9 +56,9 @@ class Server:
     def __init__(self, workers: int, workdir: Path) -> None:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIAG_")}
-        env.update(PYTHONPATH=str(REPO), GRADIAG_LOG_LEVEL="warning")
+        env.update(GRADIAG_LOG_LEVEL="warning")
         env["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / "metrics")
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", HOST]
+        cmd = [sys.executable, "-m", "gradiag.service.cli", "serve", "--host", HOST]
         cmd += ["--port", str(self.port), "--workers", str(workers)]
         self.log = open(workdir / "server.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=self.log, stderr=self.log)

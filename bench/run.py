@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 import requests
 
-from client.packed import pack, unpack
+from gradiag.client.packed import pack, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -104,11 +104,11 @@ def bench_network(dtype: str, reps: int) -> dict[str, Any]:
     of the rounds' ratios."""
     import torch
 
-    from engine import Limits, compile_graph, run
-    from engine.network import lower, network_diagnostics, unread_gradients
-    from schemas.network import NetworkRequest
-    from service.frontend import engine_thresholds
-    from service.network import network_spec
+    from gradiag.engine import Limits, compile_graph, run
+    from gradiag.engine.network import lower, network_diagnostics, unread_gradients
+    from gradiag.schemas.network import NetworkRequest
+    from gradiag.service.frontend import engine_thresholds
+    from gradiag.service.network import network_spec
 
     request = NetworkRequest.model_validate(network_body(BIG_MLP, BATCH, dtype))
     spec = network_spec(request)
@@ -637,9 +637,9 @@ def bench_throughput(url: str, seconds: float, clients: int, rounds: int = 3) ->
 
 RSS_CHILD = """
 import sys, orjson, numpy as np
-from schemas.network import NetworkRequest
-from service.network import diagnose_network, network_report
-from engine.network import NetworkLimits
+from gradiag.schemas.network import NetworkRequest
+from gradiag.service.network import diagnose_network, network_report
+from gradiag.engine.network import NetworkLimits
 def status(key):  # /proc: VmHWM is this process's own peak (ru_maxrss survives exec)
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -798,7 +798,7 @@ def main() -> None:
     reps = args.reps or (3 if args.quick else 7)
     import torch
 
-    from service.memory import retain_freed_memory
+    from gradiag.service.memory import retain_freed_memory
 
     # as every gunicorn worker does (service/gunicorn_conf.py); PyTorch shares the malloc
     retain_freed_memory()

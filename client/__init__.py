@@ -1,15 +1,15 @@
 """A Python client for gradiag's HTTP API (see client.api.Client).
 
-from client import Client, GradiagError
+from gradiag.client import Client, GradiagError
 
 with Client("http://127.0.0.1:8000", token=None) as c:
     report = c.network(spec)          # schemas.network.NetworkResponse
     graph = c.expression("(x + y) * z", {"x": -2, "y": 5, "z": -4})
 """
 
-from client.api import Answer, Client, decode, encode
-from client.errors import GradiagError, GradiagUnavailable
-from client.packed import pack, unpack
+from gradiag.client.api import Answer, Client, decode, encode
+from gradiag.client.errors import GradiagError, GradiagUnavailable
+from gradiag.client.packed import pack, unpack
 
 __all__ = [
     "Answer",

@@ -24,10 +24,10 @@ from pydantic import BaseModel, ValidationError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from client.errors import GradiagError, GradiagUnavailable
-from schemas.graph import ExpressionRequest, GraphRequest, GraphResponse
-from schemas.network import NetworkRequest, NetworkResponse
-from schemas.service import OpInfo, OpsResponse, ProbeResponse
+from gradiag.client.errors import GradiagError, GradiagUnavailable
+from gradiag.schemas.graph import ExpressionRequest, GraphRequest, GraphResponse
+from gradiag.schemas.network import NetworkRequest, NetworkResponse
+from gradiag.schemas.service import OpInfo, OpsResponse, ProbeResponse
 
 Model = TypeVar("Model", bound=BaseModel)
 Timeout = float | tuple[float, float]

@@ -5,10 +5,10 @@ orders them; `run` does one forward and one backward pass; `graph_diagnostics` r
 off the result.
 """
 
-from engine.diagnostics import Finding, GraphDiagnostics, Thresholds, graph_diagnostics
-from engine.errors import EngineError, GraphError, LimitError, ShapeError, ValueDomainError
-from engine.graph import Limits, NodeSpec, Program, Result, compile_graph, run
-from engine.network import (
+from gradiag.engine.diagnostics import Finding, GraphDiagnostics, Thresholds, graph_diagnostics
+from gradiag.engine.errors import EngineError, GraphError, LimitError, ShapeError, ValueDomainError
+from gradiag.engine.graph import Limits, NodeSpec, Program, Result, compile_graph, run
+from gradiag.engine.network import (
     NetworkDiagnostics,
     NetworkLimits,
     NetworkSpec,
@@ -17,7 +17,7 @@ from engine.network import (
     lower,
     network_diagnostics,
 )
-from engine.ops import LEAF_OPS, OPS, Op
+from gradiag.engine.ops import LEAF_OPS, OPS, Op
 
 __all__ = [
     "LEAF_OPS",

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import GraphError, LimitError, Loc, ShapeError
-from engine.graph import (
+from gradiag.engine.errors import GraphError, LimitError, Loc, ShapeError
+from gradiag.engine.graph import (
     BATCH_MIN_NODES,
     LeafColumn,
     Limits,
@@ -31,7 +31,7 @@ from engine.graph import (
     op_kinds,
     plan_columns,
 )
-from engine.ops import LEAF_OPS, OPS, Array, Shape
+from gradiag.engine.ops import LEAF_OPS, OPS, Array, Shape
 
 NO_ATTRS: Mapping[str, Any] = MappingProxyType({})
 MAX_ARITY = max(op.arity for op in OPS.values())

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from engine.graph import OperandRows, Program, Result, RowIds, op_rows
-from engine.ops import Array, all_finite
+from gradiag.engine.graph import OperandRows, Program, Result, RowIds, op_rows
+from gradiag.engine.ops import Array, all_finite
 
 SEVERITY_RANK = {"ok": 0, "warn": 1, "fail": 2}
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import EngineError
-from engine.graph import Program, Result, batch_plan, op_kinds
-from engine.ops import LEAF_OPS, OPS, Array, broadcast_shape, same_shape
+from gradiag.engine.errors import EngineError
+from gradiag.engine.graph import Program, Result, batch_plan, op_kinds
+from gradiag.engine.ops import LEAF_OPS, OPS, Array, broadcast_shape, same_shape
 
 LocalGrads = dict[str, float]
 

@@ -45,9 +45,9 @@ from typing import Any, ClassVar, NamedTuple, NoReturn
 
 import numpy as np
 
-from engine.errors import EngineError, LimitError
-from engine.graph import NodeSpec
-from engine.ops import OPS, Array
+from gradiag.engine.errors import EngineError, LimitError
+from gradiag.engine.graph import NodeSpec
+from gradiag.engine.ops import OPS, Array
 
 MAX_TEXT_ID = 60
 DEFAULT_MAX_CHARS = 10_000

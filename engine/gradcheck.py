@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.errors import EngineError, LimitError
-from engine.graph import LeafColumn, Program, Result, check_deadline, forward
-from engine.ops import Array
+from gradiag.engine.errors import EngineError, LimitError
+from gradiag.engine.graph import LeafColumn, Program, Result, check_deadline, forward
+from gradiag.engine.ops import Array
 
 # (op, the operand whose sign matters) or (op, None): the sign of operand 0 - operand 1.
 KINK_OPS: dict[str, int | None] = {"relu": 0, "abs": 0, "leaky_relu": 0, "max": None, "min": None}

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import EngineError, GraphError, LimitError, Loc, ShapeError
-from engine.ops import LEAF_OPS, OPS, Array, Shape, all_finite
+from gradiag.engine.errors import EngineError, GraphError, LimitError, Loc, ShapeError
+from gradiag.engine.ops import LEAF_OPS, OPS, Array, Shape, all_finite
 
 
 @dataclass(slots=True)

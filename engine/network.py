@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.diagnostics import (
+from gradiag.engine.diagnostics import (
     DEAD_RELU_ADVICE,
     SATURATION_ADVICE,
     Finding,
@@ -46,9 +46,9 @@ from engine.diagnostics import (
     sum_of_squares,
     worst_status,
 )
-from engine.errors import GraphError, LimitError, Loc, ShapeError, ValueDomainError
-from engine.graph import Limits, NodeSpec, Result, compile_graph
-from engine.ops import Array, Shape
+from gradiag.engine.errors import GraphError, LimitError, Loc, ShapeError, ValueDomainError
+from gradiag.engine.graph import Limits, NodeSpec, Result, compile_graph
+from gradiag.engine.ops import Array, Shape
 
 # The op each activation lowers to; `linear` keeps z as it is.
 ACTIVATION_OPS: dict[str, str] = {

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ShapeError, ValueDomainError
+from gradiag.engine.errors import ShapeError, ValueDomainError
 
 Array = np.ndarray[Any, np.dtype[Any]]
 Shape = tuple[int, ...]

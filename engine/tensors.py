@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ShapeError
-from engine.ops import Array
+from gradiag.engine.errors import ShapeError
+from gradiag.engine.ops import Array
 
 
 def to_array(

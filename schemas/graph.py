@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, RootModel, Tag
 
-from schemas.common import Health, NodeId, Number, Tensor, Thresholds, WireModel
+from gradiag.schemas.common import Health, NodeId, Number, Tensor, Thresholds, WireModel
 
 # The op tags per node shape. A test checks these lists against the engine's op table.
 LEAF_OPS = ("input", "param", "const")

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from schemas.common import Health, Number, Tensor, Thresholds, WireModel
-from schemas.graph import NodeReport
+from gradiag.schemas.common import Health, Number, Tensor, Thresholds, WireModel
+from gradiag.schemas.graph import NodeReport
 
 Activation = Literal["relu", "leaky_relu", "sigmoid", "tanh", "linear"]
 Loss = Literal["mse", "softmax_cross_entropy", "svm_hinge", "sum"]

@@ -6,8 +6,8 @@ from typing import Any
 
 from flask import Flask, Response
 
-from service.config import Settings
-from service.errors import register_error_handlers
+from gradiag.service.config import Settings
+from gradiag.service.errors import register_error_handlers
 
 
 def create_app(settings: Settings | None = None, **flask_config: Any) -> Flask:
@@ -22,22 +22,22 @@ def create_app(settings: Settings | None = None, **flask_config: Any) -> Flask:
     register_error_handlers(app)
 
     # first before_request hook: request id, timing, JSON access log, metrics, GET /metrics
-    from service.observability import register_observability
+    from gradiag.service.observability import register_observability
 
     register_observability(app)
 
     # bearer token on /v1/* when GRADIAG_API_TOKEN is set; CORS only for configured origins
-    from service.security import register_security
+    from gradiag.service.security import register_security
 
     register_security(app)
 
-    from service.openapi import openapi_document
-    from service.routes import api, json_response, probes
+    from gradiag.service.openapi import openapi_document
+    from gradiag.service.routes import api, json_response, probes
 
     app.register_blueprint(api)
     app.register_blueprint(probes)
 
-    from service.page import page
+    from gradiag.service.page import page
 
     app.register_blueprint(page)
 

@@ -7,7 +7,7 @@ from typing import IO, Any, TypeVar
 from flask import current_app, g, request
 from pydantic import BaseModel, ValidationError
 
-from service.errors import ProblemError, validation_problem
+from gradiag.service.errors import ProblemError, validation_problem
 
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -27,11 +27,11 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from client import Answer, Client, GradiagError, GradiagUnavailable, decode
-from schemas.common import Finding, Thresholds
-from schemas.graph import GraphResponse
-from schemas.network import NetworkResponse
-from service.packed import column_length
+from gradiag.client import Answer, Client, GradiagError, GradiagUnavailable, decode
+from gradiag.schemas.common import Finding, Thresholds
+from gradiag.schemas.graph import GraphResponse
+from gradiag.schemas.network import NetworkResponse
+from gradiag.service.packed import column_length
 
 Kind = Literal["graph", "expression", "network"]
 Status = Literal["ok", "warn", "fail", "error", "skipped"]
@@ -255,8 +255,8 @@ class InProcess:
     """The service's own app and views, through Flask's test client."""
 
     def __init__(self) -> None:
-        from service import create_app
-        from service.config import ConfigError, Settings
+        from gradiag.service import create_app
+        from gradiag.service.config import ConfigError, Settings
 
         try:
             settings = Settings.from_env()

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from service.check import add_check_arguments, run_check
+from gradiag.service.check import add_check_arguments, run_check
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def serve(args: argparse.Namespace) -> int:
     for name, value in (("HOST", args.host), ("PORT", args.port), ("WORKERS", args.workers)):
         if value is not None:
             env[f"GRADIAG_{name}"] = str(value)
-    from service.config import ConfigError, Settings
+    from gradiag.service.config import ConfigError, Settings
 
     try:
         Settings.from_env(env)  # refuse a bad setting before any worker starts
@@ -43,8 +43,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     argv = [
         sys.executable, "-m", "gunicorn",
-        "-c", "python:service.gunicorn_conf",
-        "service:create_app()",
+        "-c", "python:gradiag.service.gunicorn_conf",
+        "gradiag.service:create_app()",
     ]  # fmt: skip
     os.execvpe(sys.executable, argv, env)
     return 0  # not reached

@@ -13,9 +13,15 @@ from pydantic import BaseModel, RootModel, ValidationError
 from typing_extensions import TypeAliasType
 from werkzeug.exceptions import HTTPException
 
-from engine import EngineError, LimitError
-from schemas.graph import ALL_OPS, BODY_TAGS, ColumnsRequest, ExpressionRequest, GraphRequest
-from schemas.network import NetworkRequest
+from gradiag.engine import EngineError, LimitError
+from gradiag.schemas.graph import (
+    ALL_OPS,
+    BODY_TAGS,
+    ColumnsRequest,
+    ExpressionRequest,
+    GraphRequest,
+)
+from gradiag.schemas.network import NetworkRequest
 
 log = logging.getLogger("gradiag")
 
@@ -228,7 +234,7 @@ def engine_problem(err: EngineError) -> ProblemError:
 
 # an EngineError's title by the first field of its loc (default: the graph); service.packed
 # raises the `encoding` one
-ENGINE_TITLES = {"expression": "Invalid expression", "encoding": "Invalid request body"}
+ENGINE_TITLES: dict[str | int | None, str] = {"expression": "Invalid expression", "encoding": "Invalid request body"}
 
 
 def register_error_handlers(app: Flask) -> None:

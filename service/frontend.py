@@ -16,7 +16,7 @@ from typing import Any, get_args
 
 import numpy as np
 
-from engine import (
+from gradiag.engine import (
     LEAF_OPS,
     OPS,
     EngineError,
@@ -30,17 +30,17 @@ from engine import (
     graph_diagnostics,
     run,
 )
-from engine import graph as engine_graph
-from engine.columns import RowLocs, compile_columns
-from engine.expression import parse_expression
-from engine.gradcheck import GradcheckOptions, GradcheckResult, evaluation_budget, gradcheck
-from engine.ops import Array
-from engine.tensors import to_array
-from schemas.common import Thresholds as WireThresholds
-from schemas.graph import ColumnsRequest, ExpressionRequest, GraphRequest, LeafNode, Node
-from schemas.graph import GradcheckOptions as WireGradcheckOptions
-from service.config import Settings
-from service.packed import check_encoding, table_columns
+from gradiag.engine import graph as engine_graph
+from gradiag.engine.columns import RowLocs, compile_columns
+from gradiag.engine.expression import parse_expression
+from gradiag.engine.gradcheck import GradcheckOptions, GradcheckResult, evaluation_budget, gradcheck
+from gradiag.engine.ops import Array
+from gradiag.engine.tensors import to_array
+from gradiag.schemas.common import Thresholds as WireThresholds
+from gradiag.schemas.graph import ColumnsRequest, ExpressionRequest, GraphRequest, LeafNode, Node
+from gradiag.schemas.graph import GradcheckOptions as WireGradcheckOptions
+from gradiag.service.config import Settings
+from gradiag.service.packed import check_encoding, table_columns
 
 
 @lru_cache(maxsize=16)
@@ -138,7 +138,7 @@ def _operand_rows(nodes: list[Node], ids: list[str]) -> list[Array] | None:
     names no node. A duplicated id maps to one of its rows; compile_columns refuses it.
     Every input id is looked up in one C-level map; NumPy spreads them into columns."""
     row = dict(zip(ids, range(len(ids)), strict=True))
-    operands = [() if type(node) is LeafNode else node.inputs for node in nodes]
+    operands = [node.inputs if not isinstance(node, LeafNode) else () for node in nodes]
     arity = np.fromiter(map(len, operands), np.intp, len(operands))
     try:
         named = np.fromiter(map(row.__getitem__, chain.from_iterable(operands)), np.intp)

@@ -23,8 +23,8 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = tempfile.mkdtemp(prefix="gradiag-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
 
-from service.config import ConfigError, Settings  # noqa: E402  (after the variables above)
-from service.memory import retain_freed_memory  # noqa: E402
+from gradiag.service.config import ConfigError, Settings  # noqa: E402  (after the variables above)
+from gradiag.service.memory import retain_freed_memory  # noqa: E402
 
 # Set in the master, inherited by every forked worker: a request reuses the pages the one
 # before it freed instead of page-faulting them in again (service/memory.py).

@@ -35,7 +35,7 @@ def retain_freed_memory(retain: int = RETAIN_BYTES) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # mallopt answers 1 on success; musl's stub answers 0 and changes nothing
-    return (
+    return bool(
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
         and mallopt(M_TRIM_THRESHOLD, retain) == 1
     )

@@ -29,7 +29,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from engine import GraphDiagnostics
+from gradiag.engine import GraphDiagnostics
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from flask import current_app, g
 
-from engine import EngineError, LimitError, Result, compile_graph, run
-from engine.network import (
+from gradiag.engine import EngineError, LimitError, Result, compile_graph, run
+from gradiag.engine.network import (
     Batch,
     Init,
     Layer,
@@ -27,14 +27,14 @@ from engine.network import (
     network_diagnostics,
     unread_gradients,
 )
-from engine.tensors import to_array, to_wire
-from schemas.network import NetworkRequest
-from service.body import parse_body
-from service.config import Settings
-from service.errors import ProblemError, engine_problem
-from service.frontend import engine_limits, engine_thresholds
-from service.metrics import ReportSummary
-from service.report import health, node_reports
+from gradiag.engine.tensors import to_array, to_wire
+from gradiag.schemas.network import NetworkRequest
+from gradiag.service.body import parse_body
+from gradiag.service.config import Settings
+from gradiag.service.errors import ProblemError, engine_problem
+from gradiag.service.frontend import engine_limits, engine_thresholds
+from gradiag.service.metrics import ReportSummary
+from gradiag.service.report import health, node_reports
 
 
 def network_spec(request: NetworkRequest) -> NetworkSpec:

@@ -25,7 +25,12 @@ from typing import Any
 import orjson
 from flask import Flask, Response, g, has_request_context, request
 
-from service.metrics import ReportSummary, metrics_blueprint, observe_report, observe_request
+from gradiag.service.metrics import (
+    ReportSummary,
+    metrics_blueprint,
+    observe_report,
+    observe_request,
+)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID = 128

@@ -8,10 +8,10 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from schemas.common import Problem
-from schemas.graph import GraphBody, GraphResponse
-from schemas.network import NetworkRequest, NetworkResponse
-from schemas.service import OpsResponse, ProbeResponse
+from gradiag.schemas.common import Problem
+from gradiag.schemas.graph import GraphBody, GraphResponse
+from gradiag.schemas.network import NetworkRequest, NetworkResponse
+from gradiag.schemas.service import OpsResponse, ProbeResponse
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (GraphBody, "validation"),

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from engine.columns import CodedOps
-from engine.errors import GraphError, Loc
-from engine.ops import Array
-from schemas.graph import ColumnsRequest, GraphColumns, PackedArray, PackedOps
+from gradiag.engine.columns import CodedOps
+from gradiag.engine.errors import GraphError, Loc
+from gradiag.engine.ops import Array
+from gradiag.schemas.graph import ColumnsRequest, GraphColumns, PackedArray, PackedOps
 
 
 def unpack(packed: PackedArray, loc: Loc) -> Array:

@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from engine import OPS, GraphDiagnostics, Program, Result
-from engine.diagnostics import Finding, GateStats
-from engine.explain import explain_leaves, local_grads
-from engine.gradcheck import GradcheckResult
-from engine.graph import OperandRows, ScalarColumn, batch_plan, op_rows
-from engine.tensors import to_wire
-from service.packed import pack_floats
+from gradiag.engine import OPS, GraphDiagnostics, Program, Result
+from gradiag.engine.diagnostics import Finding, GateStats
+from gradiag.engine.explain import explain_leaves, local_grads
+from gradiag.engine.gradcheck import GradcheckResult
+from gradiag.engine.graph import OperandRows, ScalarColumn, batch_plan, op_rows
+from gradiag.engine.tensors import to_wire
+from gradiag.service.packed import pack_floats
 
 
 def health(findings: list[Finding], status: str) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[s
     report: dict[str, Any] = {}
     if ids:
         report["id"] = list(program.ids)
-    const_rows = op_rows(program).get("const", ())
+    const_rows = op_rows(program).get("const", np.empty(0, np.intp)).tolist()
     if packed:
         report["value"], report["grad"] = _packed_columns(result, const_rows)
         return report

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 from flask import Blueprint, Response, current_app, g
 
-from engine import (
+from gradiag.engine import (
     LEAF_OPS,
     OPS,
     EngineError,
@@ -19,14 +19,14 @@ from engine import (
     compile_graph,
     run,
 )
-from schemas.graph import ColumnsRequest, GraphBody
-from service.body import parse_body
-from service.errors import engine_problem
-from service.frontend import diagnose, engine_limits
-from service.metrics import ReportSummary
-from service.network import network_report_of_request
-from service.report import graph_report
-from service.svg import graph_svg, network_svg
+from gradiag.schemas.graph import ColumnsRequest, GraphBody
+from gradiag.service.body import parse_body
+from gradiag.service.errors import engine_problem
+from gradiag.service.frontend import diagnose, engine_limits
+from gradiag.service.metrics import ReportSummary
+from gradiag.service.network import network_report_of_request
+from gradiag.service.report import graph_report
+from gradiag.service.svg import graph_svg, network_svg
 
 api = Blueprint("api", __name__)
 probes = Blueprint("probes", __name__)

@@ -20,8 +20,8 @@ import hmac
 
 from flask import Flask, Response, current_app, request
 
-from service.config import Settings
-from service.errors import problem_response
+from gradiag.service.config import Settings
+from gradiag.service.errors import problem_response
 
 PROTECTED_PREFIX = "/v1/"
 CORS_METHODS = "GET, POST, OPTIONS"

@@ -16,8 +16,8 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import create_app
-from service.config import Settings
+from gradiag.service import create_app
+from gradiag.service.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,11 +57,10 @@ def running_server(
     server_env.update(
         GRADIAG_HOST="127.0.0.1",
         PROMETHEUS_MULTIPROC_DIR=str(workdir / "metrics"),
-        PYTHONPATH=str(REPO),
     )
     server_env.update(env or {})
     log_path = workdir / "server.log"
-    command = [sys.executable, "-m", "service.cli", "serve"]
+    command = [sys.executable, "-m", "gradiag.service.cli", "serve"]
     command += ["--port", str(port), "--workers", str(workers)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

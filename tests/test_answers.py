@@ -1,5 +1,5 @@
 """The full answers of small /v1/graph requests, pinned byte for byte: the CS231n examples
-(shared/examples) and a graph with every kind of finding. A faster path through the report
+(examples/) and a graph with every kind of finding. A faster path through the report
 must give these exact bytes (key order, float digits, non-finite strings, messages)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import orjson
 import pytest
 from flask.testing import FlaskClient
 
-# The examples ship with the shared contract, in shared/ beside the repository.
-EXAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "examples"
+# The contract's example requests, copied into the repository's examples/.
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ANSWERS = Path(__file__).resolve().parent / "answers"
 
 FINDINGS_BODY = {
@@ -38,7 +38,7 @@ def example(name: str) -> Any:
     ("body", "answer"),
     [
         (example("cs231n-sigmoid.expression.json"), pinned("cs231n-sigmoid")),
-        (example("cs231n-example1.graph.json"), pinned("cs231n-example1")),
+        (example("cs231n.graph.json"), pinned("cs231n-example1")),
         (FINDINGS_BODY, pinned("every-finding")),
     ],
     ids=["cs231n-sigmoid", "cs231n-example1", "every-finding"],

@@ -15,8 +15,8 @@ from flask.testing import FlaskClient
 from werkzeug.test import EnvironBuilder, TestResponse
 from werkzeug.wrappers import Request
 
-from service import create_app
-from service.config import Settings
+from gradiag.service import create_app
+from gradiag.service.config import Settings
 
 PROBLEM = "application/problem+json"
 

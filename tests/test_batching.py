@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import graph
-from engine.diagnostics import Thresholds, graph_diagnostics
-from engine.explain import local_grads
-from engine.graph import NodeSpec, batch_plan, compile_graph, run
-from engine.ops import OPS
+from gradiag.engine import graph
+from gradiag.engine.diagnostics import Thresholds, graph_diagnostics
+from gradiag.engine.explain import local_grads
+from gradiag.engine.graph import NodeSpec, batch_plan, compile_graph, run
+from gradiag.engine.ops import OPS
 
 UNARY = ["identity", "neg", "exp", "log", "sqrt", "square", "abs", "reciprocal", "relu",
          "sigmoid", "tanh", "leaky_relu"]  # fmt: skip

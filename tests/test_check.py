@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from service import create_app
-from service.check import escape_data, escape_property
-from service.cli import main
-from service.config import Settings
+from gradiag.service import create_app
+from gradiag.service.check import escape_data, escape_property
+from gradiag.service.cli import main
+from gradiag.service.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -183,7 +183,7 @@ def test_a_5xx_answer_exits_3(
     def broken() -> dict[str, Any]:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("service.routes.network_report_of_request", broken)
+    monkeypatch.setattr("gradiag.service.routes.network_report_of_request", broken)
     code, out, _ = check(capsys, HEALTHY, GRAPH)
     assert code == 3
     assert f"ERROR {HEALTHY}  500 Internal Server Error" in out
@@ -377,7 +377,7 @@ def test_url_gives_the_same_report_as_in_process(
 
 def test_console_script_runs_check(tmp_path: Path) -> None:
     script = shutil.which("gradiag", path=str(Path(sys.executable).parent))
-    command = [script] if script else [sys.executable, "-m", "service.cli"]
+    command = [script] if script else [sys.executable, "-m", "gradiag.service.cli"]
     done = subprocess.run(
         [*command, "check", "--format", "json", GRAPH, DEAD],
         capture_output=True,

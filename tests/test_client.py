@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from client import Client, GradiagError, GradiagUnavailable, encode
-from schemas.graph import GraphResponse
-from schemas.network import NetworkResponse
+from gradiag.client import Client, GradiagError, GradiagUnavailable, encode
+from gradiag.schemas.graph import GraphResponse
+from gradiag.schemas.network import NetworkResponse
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CS231N = json.loads((EXAMPLES / "cs231n.graph.json").read_text())

@@ -20,14 +20,14 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
-from engine import columns as engine_columns
-from engine import graph
-from engine.columns import compile_columns
-from engine.graph import batch_plan
-from schemas.graph import GraphResponse
-from service import create_app
-from service.cli import main
-from service.config import Settings
+from gradiag.engine import columns as engine_columns
+from gradiag.engine import graph
+from gradiag.engine.columns import compile_columns
+from gradiag.engine.graph import batch_plan
+from gradiag.schemas.graph import GraphResponse
+from gradiag.service import create_app
+from gradiag.service.cli import main
+from gradiag.service.config import Settings
 
 PROBLEM = "application/problem+json"
 

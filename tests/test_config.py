@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
-from service.config import ConfigError, Settings, available_cpus
+from gradiag.service.cli import main
+from gradiag.service.config import ConfigError, Settings, available_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,9 +109,9 @@ def test_serve_exits_2_on_a_bad_value_before_starting(
 
 
 def test_the_gradiag_command_exits_2_on_a_bad_value() -> None:
-    env = {**os.environ, "GRADIAG_MAX_NODES": "abc", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "GRADIAG_MAX_NODES": "abc"}
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve"],
+        [sys.executable, "-m", "gradiag.service.cli", "serve"],
         env=env,
         capture_output=True,
         text=True,
@@ -124,9 +124,9 @@ def test_the_gradiag_command_exits_2_on_a_bad_value() -> None:
 
 def test_gunicorn_with_the_project_config_exits_2_on_a_bad_value(tmp_path: Path) -> None:
     """The container runs gunicorn directly: its config refuses bad settings the same way."""
-    env = {**os.environ, "GRADIAG_WORKERS": "many", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "GRADIAG_WORKERS": "many"}
     done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf", "x:y"],
+        [sys.executable, "-m", "gunicorn", "-c", "python:gradiag.service.gunicorn_conf", "x:y"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -18,7 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.config import Settings
+from gradiag.service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -208,7 +208,7 @@ def test_dockerfile_builds_a_small_non_root_image_that_serves_port_8000() -> Non
     assert re.search(r"^USER 10001", final, re.M)
     assert re.search(r"^EXPOSE 8000$", final, re.M)
     assert "/healthz" in final.split("HEALTHCHECK", 1)[1]
-    assert "python:service.gunicorn_conf" in final
+    assert "python:gradiag.service.gunicorn_conf" in final
     assert "GRADIAG_HOST=0.0.0.0" in final
     for blas in ("OPENBLAS_NUM_THREADS=1", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1"):
         assert blas in final

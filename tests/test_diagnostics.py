@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.diagnostics import CHUNK, WHOLE, is_finite, mean_std, sum_of_squares
-from engine.network import _TensorStats
+from gradiag.engine.diagnostics import CHUNK, WHOLE, is_finite, mean_std, sum_of_squares
+from gradiag.engine.network import _TensorStats
 
 DTYPES = [np.float32, np.float64]
 # one chunk, exactly one, several with a tail; mean_std's chunked path above WHOLE

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from engine.errors import LimitError
-from engine.expression import ExpressionError, parse_expression
-from engine.graph import compile_graph, run
+from gradiag.engine.errors import LimitError
+from gradiag.engine.expression import ExpressionError, parse_expression
+from gradiag.engine.graph import compile_graph, run
 
-# The examples ship with the shared contract, in shared/ beside the repository.
-EXAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "examples"
+# The contract's example requests, copied into the repository's examples/.
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SIGMOID_GRADS = {"w0": -0.1966, "x0": 0.3932, "w1": -0.3932, "x1": -0.5898, "w2": 0.1966}
 SIGMOID_VALUES = {"w0": 2.0, "x0": -1.0, "w1": -3.0, "x1": -2.0, "w2": -3.0}
 
@@ -337,7 +337,7 @@ def test_expression_body_refuses_unknown_fields_and_non_numbers(client: FlaskCli
 
 
 def test_graph_body_still_works_and_gets_roles(client: FlaskClient) -> None:
-    body = json.loads((EXAMPLES / "cs231n-example1.graph.json").read_text())
+    body = json.loads((EXAMPLES / "cs231n.graph.json").read_text())
     status, answer = post(client, body)
     assert status == 200 and answer["output"]["value"] == -12.0
     assert answer["nodes"]["q"]["role"].startswith("add gate")

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import expression
-from engine.errors import LimitError
-from engine.expression import MAX_TEXT_ID, ExpressionError, parse_expression
-from engine.ops import Array
+from gradiag.engine import expression
+from gradiag.engine.errors import LimitError
+from gradiag.engine.expression import MAX_TEXT_ID, ExpressionError, parse_expression
+from gradiag.engine.ops import Array
 
 PROPERTY = settings(
     max_examples=150,

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from engine.diagnostics import _finite_norm
-from engine.ops import sigmoid_forward
-from service.report import _scalars_wire
+from gradiag.engine.diagnostics import _finite_norm
+from gradiag.engine.ops import sigmoid_forward
+from gradiag.service.report import _scalars_wire
 
 EDGES = [0.0, -0.0, 1.0, -1.0, 1e-320, -1e-320, 1e-160, -1e-160, 36.7, -36.7, 700.0, -700.0]
 EDGES += [800.0, -800.0, 1e154, 1e155, -1e200, 1e308, math.inf, -math.inf, math.nan]

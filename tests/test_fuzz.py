@@ -16,8 +16,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
-from service import create_app
-from service.config import Settings
+from gradiag.service import create_app
+from gradiag.service.config import Settings
 
 EXAMPLES = int(os.environ.get("GRADIAG_FUZZ_EXAMPLES", "40"))
 DERANDOMIZE = "GRADIAG_FUZZ_EXAMPLES" not in os.environ  # CI: the same examples every run

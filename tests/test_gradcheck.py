@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from engine.expression import parse_expression
-from engine.gradcheck import (
+from gradiag.engine.expression import parse_expression
+from gradiag.engine.gradcheck import (
     GradcheckOptions,
     GradcheckResult,
     evaluation_budget,
@@ -18,7 +18,7 @@ from engine.gradcheck import (
     relative_error,
     verdict,
 )
-from engine.graph import NodeSpec, compile_graph, run
+from gradiag.engine.graph import NodeSpec, compile_graph, run
 
 SIGMOID = "1 / (1 + exp(-(w0*x0 + w1*x1 + w2)))"
 SIGMOID_VALUES = {"w0": 2.0, "x0": -1.0, "w1": -3.0, "x1": -2.0, "w2": -3.0}

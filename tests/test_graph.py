@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine import (
+from gradiag.engine import (
     GraphError,
     LimitError,
     Limits,
@@ -20,7 +20,7 @@ from engine import (
     graph_diagnostics,
     run,
 )
-from engine.graph import Result, unbroadcast
+from gradiag.engine.graph import Result, unbroadcast
 
 
 def leaf(node_id: str, value: Any, op: str = "input") -> NodeSpec:

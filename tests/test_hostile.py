@@ -19,8 +19,8 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import create_app
-from service.config import Settings
+from gradiag.service import create_app
+from gradiag.service.config import Settings
 
 PROBLEM = "application/problem+json"
 FAST = 5.0  # seconds: generous, on a loaded 2-core machine

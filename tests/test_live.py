@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from engine import LEAF_OPS, OPS
+from gradiag.engine import LEAF_OPS, OPS
 
 pytestmark = pytest.mark.live
 

@@ -13,7 +13,7 @@ import pytest
 REQUESTS = """
 import resource, sys
 import numpy as np
-from service.memory import retain_freed_memory
+from gradiag.service.memory import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 def request():

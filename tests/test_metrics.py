@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from service.observability import MAX_REQUEST_ID, JsonFormatter
+from gradiag.service.observability import MAX_REQUEST_ID, JsonFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,11 +260,11 @@ def test_request_count_is_merged_across_two_gunicorn_workers(tmp_path: Path) -> 
         "GRADIAG_WORKERS": "2",
         "GRADIAG_LOG_LEVEL": "warning",
     }
-    argv = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:gradiag.service.gunicorn_conf"]
     server = subprocess.Popen(
-        [*argv, "service:create_app()"],
+        [*argv, "gradiag.service:create_app()"],
         cwd=tmp_path,  # no ./gunicorn.conf.py of the project is picked up
-        env={**env, "PYTHONPATH": str(ROOT)},
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=errors,
     )

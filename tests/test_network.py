@@ -14,9 +14,9 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from engine import Result, Thresholds, compile_graph, run
-from engine.graph import Program, forward
-from engine.network import (
+from gradiag.engine import Result, Thresholds, compile_graph, run
+from gradiag.engine.graph import Program, forward
+from gradiag.engine.network import (
     ACTIVATION_OPS,
     INIT_SCALES,
     LOSS_OPS,
@@ -35,13 +35,13 @@ from engine.network import (
     placeholder_leaves,
     unread_gradients,
 )
-from engine.network import build_graph as build_network_graph
-from engine.ops import OPS
-from service import create_app
-from service.config import Settings
+from gradiag.engine.network import build_graph as build_network_graph
+from gradiag.engine.ops import OPS
+from gradiag.service import create_app
+from gradiag.service.config import Settings
 
-# The examples ship with the shared contract, in shared/ beside the repository.
-EXAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "examples"
+# The contract's example requests, copied into the repository's examples/.
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 X3 = [[1.0, 2.0], [3.0, -1.0], [-2.0, 0.5]]  # three examples of two features
 
@@ -737,8 +737,8 @@ def network_request(include: list[str]) -> dict[str, Any]:
 
 
 def test_input_gradient_is_skipped_unless_the_report_returns_it(client: FlaskClient) -> None:
-    from schemas.network import NetworkRequest
-    from service.network import diagnose_network
+    from gradiag.schemas.network import NetworkRequest
+    from gradiag.service.network import diagnose_network
 
     for include, computed in (([], False), (["gradients"], True)):
         request = NetworkRequest.model_validate(network_request(include))

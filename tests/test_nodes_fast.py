@@ -23,12 +23,12 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from engine.columns import compile_columns
-from engine.graph import NodeSpec, batch_plan, compile_graph
-from engine.ops import LEAF_OPS, OPS
-from schemas.graph import GraphRequest
-from service import create_app, frontend
-from service.config import Settings
+from gradiag.engine.columns import compile_columns
+from gradiag.engine.graph import NodeSpec, batch_plan, compile_graph
+from gradiag.engine.ops import LEAF_OPS, OPS
+from gradiag.schemas.graph import GraphRequest
+from gradiag.service import create_app, frontend
+from gradiag.service.config import Settings
 
 ELEMENTWISE = sorted(name for name, op in OPS.items() if op.elementwise)
 UNARY = [name for name in ELEMENTWISE if OPS[name].arity == 1]

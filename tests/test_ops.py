@@ -20,10 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import ShapeError
-from engine.graph import unbroadcast
-from engine.ops import LEAF_OPS, OPS, Array, all_finite
-from schemas import graph as graph_schema
+from gradiag.engine.errors import ShapeError
+from gradiag.engine.graph import unbroadcast
+from gradiag.engine.ops import LEAF_OPS, OPS, Array, all_finite
+from gradiag.schemas import graph as graph_schema
 
 H = 1e-6
 RTOL = 1e-6

@@ -33,11 +33,11 @@ from test_columns import (
     table,
 )
 
-from client.packed import pack, unpack
-from service import create_app
-from service.cli import main
-from service.config import Settings
-from service.packed import b64decode
+from gradiag.client.packed import pack, unpack
+from gradiag.service import create_app
+from gradiag.service.cli import main
+from gradiag.service.config import Settings
+from gradiag.service.packed import b64decode
 
 # --- helpers -----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from system_packages import ensure_installed
+from system_packages import require
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -64,7 +64,7 @@ def test_vendored_layout_library_comes_with_its_licences() -> None:
 
 
 def _chromium() -> str:
-    return ensure_installed("chromium", lambda: CHROMIUM if os.path.exists(CHROMIUM) else None)
+    return require("chromium", lambda: CHROMIUM if os.path.exists(CHROMIUM) else None)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from service import create_app
-from service.config import Settings
+from gradiag.service import create_app
+from gradiag.service.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from system_packages import ensure_installed
+from system_packages import require
 
-from service import svg
+from gradiag.service import svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 CS231N_1 = {"expression": "(x + y) * z", "values": {"x": -2, "y": 5, "z": -4}}
@@ -20,7 +20,7 @@ CS231N_1 = {"expression": "(x + y) * z", "values": {"x": -2, "y": 5, "z": -4}}
 @pytest.fixture(scope="session")
 def dot_installed() -> str:
     """Graphviz's dot; installed with apt-get (as root) when absent, else the test skips."""
-    return ensure_installed("graphviz", lambda: shutil.which("dot"))
+    return require("graphviz", lambda: shutil.which("dot"))
 
 
 @pytest.fixture

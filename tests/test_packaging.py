@@ -1,0 +1,68 @@
+"""An installed gradiag adds one import name, `gradiag`, and its client runs without the
+server's dependencies (Flask, gunicorn, prometheus-client, orjson)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_ONLY = ("flask", "werkzeug", "gunicorn", "prometheus_client", "orjson", "grandalf")
+
+
+def test_the_wheel_installs_only_the_gradiag_package(tmp_path: Path) -> None:
+    """Built offline (no build isolation: nothing is downloaded) from a copy of what the
+    Dockerfile copies, so the build's own files stay out of the checkout."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "__init__.py"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("engine", "schemas", "service", "client"):
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / package, source / package, ignore=ignore)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(tmp_path), str(source)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("gradiag-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"gradiag", wheel.name.split("-py")[0] + ".dist-info"}
+    for package in ("engine", "schemas", "service", "client"):
+        assert f"gradiag/{package}/__init__.py" in names
+    assert "gradiag/__init__.py" in names
+    assert "gradiag/service/static/app.js" in names
+    assert not any(name.startswith("gradiag/tests/") for name in names)
+
+
+def test_the_client_runs_without_the_server_dependencies(live_server: str) -> None:
+    """A process in which importing any server-only package fails still imports the client
+    and gets a typed report from a running service."""
+    script = f"""
+import sys
+for name in {SERVER_ONLY!r}:
+    sys.modules[name] = None  # `import name` now raises ImportError
+from gradiag.client import Client
+with Client({live_server!r}) as client:
+    report = client.expression("(x + y) * z", {{"x": -2, "y": 5, "z": -4}})
+print(report.output.value, report.nodes["x"].grad)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["-12.0", "-4.0"]
+
+
+@pytest.mark.parametrize("module", ["gradiag.engine", "gradiag.schemas", "gradiag.client"])
+def test_the_engine_schemas_and_client_import_no_server_package(module: str) -> None:
+    script = f"import sys, {module}; print(sorted(set(sys.modules) & set({SERVER_ONLY!r})))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
