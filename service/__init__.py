@@ -1,51 +1,24 @@
-"""gradiag's HTTP service: a Flask application factory (see `create_app`)."""
+"""gradiag's HTTP service: a Flask application factory (`create_app`, in service/app.py),
+its views and the `gradiag` command line.
+
+Flask is imported by `create_app`, not by this package: `gradiag check --url` and the client
+run on an install without the `server` extra."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response
+if TYPE_CHECKING:
+    from flask import Flask
 
-from gradiag.service.config import Settings
-from gradiag.service.errors import register_error_handlers
+    from gradiag.service.config import Settings
 
 
 def create_app(settings: Settings | None = None, **flask_config: Any) -> Flask:
-    """Build the app. Settings come from the environment unless given (tests give them)."""
-    app = Flask(__name__)
-    app.config.update(
-        GRADIAG=settings or Settings.from_env(),
-        MAX_CONTENT_LENGTH=None,  # enforced in service.body, chunked uploads included
-        DEBUG=False,
-        **flask_config,
-    )
-    register_error_handlers(app)
+    """Build the app (service/app.py). Settings come from the environment unless given."""
+    from gradiag.service.app import create_app as build
 
-    # first before_request hook: request id, timing, JSON access log, metrics, GET /metrics
-    from gradiag.service.observability import register_observability
-
-    register_observability(app)
-
-    # bearer token on /v1/* when GRADIAG_API_TOKEN is set; CORS only for configured origins
-    from gradiag.service.security import register_security
-
-    register_security(app)
-
-    from gradiag.service.openapi import openapi_document
-    from gradiag.service.routes import api, json_response, probes
-
-    app.register_blueprint(api)
-    app.register_blueprint(probes)
-
-    from gradiag.service.page import page
-
-    app.register_blueprint(page)
-
-    @app.get("/openapi.json")
-    def openapi() -> Response:
-        return json_response(openapi_document())
-
-    return app
+    return build(settings, **flask_config)
 
 
 __all__ = ["create_app"]

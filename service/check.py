@@ -255,6 +255,13 @@ class InProcess:
     """The service's own app and views, through Flask's test client."""
 
     def __init__(self) -> None:
+        try:
+            import flask  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                "checking in process needs the server extra (pip install 'gradiag[server]'); "
+                "or check through a running service with --url"
+            ) from None
         from gradiag.service import create_app
         from gradiag.service.config import ConfigError, Settings
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,14 @@ def serve(args: argparse.Namespace) -> int:
             env[f"GRADIAG_{name}"] = str(value)
     from gradiag.service.config import ConfigError, Settings
 
+    missing = [name for name in ("flask", "gunicorn") if not _importable(name)]
+    if missing:
+        print(
+            f"gradiag: serving needs the server extra ({missing[0]} is not installed): "
+            "pip install 'gradiag[server]'",
+            file=sys.stderr,
+        )
+        return 2
     try:
         Settings.from_env(env)  # refuse a bad setting before any worker starts
     except ConfigError as err:
@@ -48,6 +57,13 @@ def serve(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     os.execvpe(sys.executable, argv, env)
     return 0  # not reached
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module set to None in sys.modules (the tests' stand-in)
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

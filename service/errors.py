@@ -234,7 +234,10 @@ def engine_problem(err: EngineError) -> ProblemError:
 
 # an EngineError's title by the first field of its loc (default: the graph); service.packed
 # raises the `encoding` one
-ENGINE_TITLES: dict[str | int | None, str] = {"expression": "Invalid expression", "encoding": "Invalid request body"}
+ENGINE_TITLES: dict[str | int | None, str] = {
+    "expression": "Invalid expression",
+    "encoding": "Invalid request body",
+}
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -66,3 +66,36 @@ def test_the_engine_schemas_and_client_import_no_server_package(module: str) -> 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_gradiag_check_url_runs_without_the_server_dependencies(live_server: str) -> None:
+    """The `gradiag` command of a client-only install: `check --url` works; in process and
+    `serve` say which extra they need (exit 2)."""
+    block = f"import sys\nfor name in {SERVER_ONLY!r}:\n    sys.modules[name] = None\n"
+    main = "from gradiag.service.cli import main\nsys.exit(main(sys.argv[1:]))"
+    example = str(REPO / "examples" / "cs231n.graph.json")
+
+    def gradiag(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", block + main, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    remote = gradiag("check", example, "--url", live_server)
+    assert remote.returncode == 0, remote.stderr
+    assert "ok" in remote.stdout
+    local = gradiag("check", example)
+    assert local.returncode == 2
+    assert "gradiag[server]" in local.stderr
+    serve = gradiag("serve")
+    assert serve.returncode == 2
+    assert "gradiag[server]" in serve.stderr
+
+
+def test_the_pre_commit_hook_installs_the_server_extra() -> None:
+    import tomllib
+
+    import yaml
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    server = [dep.split("#")[0].strip() for dep in extra["optional-dependencies"]["server"]]
+    (hook,) = yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())
+    assert hook["additional_dependencies"] == server
