@@ -1,12 +1,13 @@
 # Two commands for a newcomer: `make serve` and `make test`. Both build .venv on first use.
-# `make bench` (docs/performance.md) builds its own .venv-bench with the `bench` extra.
+# `make bench` (docs/performance.md) and `make oracle` (bench/oracle) build their own
+# .venv-bench with the `bench` extra.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint typecheck unit clean bench fuzz load wrk
+.PHONY: serve test lint typecheck unit clean bench oracle fuzz load wrk
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,11 @@ wrk:
 # OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are unset for this command only (bench/README.md).
 bench: $(BENCH_VENV)/bin/.installed wrk
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# PyTorch's answers as committed fixtures (bench/oracle/__main__.py); the tests read them
+# and never import torch.
+oracle: $(BENCH_VENV)/bin/.installed
+	$(BENCH_VENV)/bin/python -m bench.oracle $(ORACLE_ARGS)
 
 # A longer, unseeded schemathesis run (docs/hardening.md); `make test` runs 40 per operation.
 FUZZ_EXAMPLES ?= 2000
