@@ -1,21 +1,31 @@
 """gradiag's autodiff engine: NumPy only (no Flask, no Pydantic).
 
-Front ends (graph JSON, expressions, networks) build `NodeSpec`s; `compile_graph` checks and
-orders them; `run` does one forward and one backward pass; `graph_diagnostics` reads health
-off the result.
+Front ends (graph JSON, expressions, tables, networks) hand a `Table` (or `NodeSpec`s) to the
+one compiler, `compile_table` / `compile_graph`, which checks it and plans the walk; `run`
+does one forward and one backward pass over that plan; `graph_diagnostics` and
+`network_diagnostics` read health off the `Result`. The op table, `OPS`, is the only place
+that knows what an op does.
 """
 
+from gradiag.engine.compiler import (
+    Limits,
+    NodeSpec,
+    Program,
+    Table,
+    compile_graph,
+    compile_table,
+)
 from gradiag.engine.diagnostics import Finding, GraphDiagnostics, Thresholds, graph_diagnostics
 from gradiag.engine.errors import EngineError, GraphError, LimitError, ShapeError, ValueDomainError
-from gradiag.engine.graph import Limits, NodeSpec, Program, Result, compile_graph, run
+from gradiag.engine.executor import Result, forward, run
 from gradiag.engine.network import (
     NetworkDiagnostics,
     NetworkLimits,
     NetworkSpec,
     check_network,
-    check_network_limits,
-    lower,
+    compile_network,
     network_diagnostics,
+    with_leaves,
 )
 from gradiag.engine.ops import LEAF_OPS, OPS, Op
 
@@ -36,13 +46,16 @@ __all__ = [
     "Program",
     "Result",
     "ShapeError",
+    "Table",
     "Thresholds",
     "ValueDomainError",
     "check_network",
-    "check_network_limits",
     "compile_graph",
+    "compile_network",
+    "compile_table",
+    "forward",
     "graph_diagnostics",
-    "lower",
     "network_diagnostics",
     "run",
+    "with_leaves",
 ]

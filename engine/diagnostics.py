@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradiag.engine.graph import OperandRows, Program, Result, RowIds, op_rows
+from gradiag.engine.compiler import Program
+from gradiag.engine.executor import Result
 from gradiag.engine.ops import Array, all_finite
 
 SEVERITY_RANK = {"ok": 0, "warn": 1, "fail": 2}
@@ -189,65 +190,91 @@ SATURATION_ADVICE = {
 
 
 def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostics:
-    if result.flat_values is not None and result.flat_grads is not None:
-        return _scalar_diagnostics(result, result.flat_values, result.flat_grads, thresholds)
+    """Gate stats and findings, non-finite nodes, exploding leaf gradients and parameter
+    counts of one run. Scalar nodes are read in whole-column passes over the executor's
+    flat arrays; tensor nodes one at a time."""
     program = result.program
+    values, grads = result.values.scalars(), result.grads.scalars()
+    scalar = np.array([not shape for shape in program.shapes], bool)
     gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
-    findings: list[Finding] = []  # the gates', in node order
-    exploding: list[Finding] = []
-    nonfinite: list[int] = []
-    params: list[int] = []
-    # one pass over the nodes for every question (a small graph's cost is per node visit)
-    rows = zip(program.ids, program.ops, result.values, result.grads, strict=True)
-    for i, (node, op, value, grad) in enumerate(rows):
-        if not (is_finite(value) and is_finite(grad)):
-            nonfinite.append(i)
-        if op in gates:
-            finding = _gate_reading(result, i, op, gates[op], thresholds)
-            if finding is not None:
-                findings.append(finding)
-        elif op in ("input", "param"):
-            if op == "param":
-                params.append(i)
-            norm = None if grad is None else _finite_norm(grad)
-            if norm is not None and norm > thresholds.exploding_norm:
-                exploding.append(_exploding(node, norm, thresholds))
-    if nonfinite:
-        findings.append(_nonfinite_finding(result, nonfinite[0], len(nonfinite)))
+    found: list[tuple[Array, str, tuple[str, str, str]]] = []  # (rows, op, verdict)
+    for op, stats in gates.items():
+        rows = program.rows_of(op)
+        at = rows[scalar[rows]]
+        if op == "relu":
+            flagged = is_dead(values[program.operands[0, at]])
+        else:
+            flagged = is_saturated(values[at], op, thresholds.saturation_eps)
+        stats.nodes = stats.elements = at.size
+        stats.flagged = int(np.count_nonzero(flagged))
+        for count, where in ((1, at[flagged]), (0, at[~flagged])):  # a scalar: 1 of 1, or 0
+            verdict = _gate_verdict(op, count, 1, thresholds)
+            if verdict is not None and where.size:
+                found.append((where, op, verdict))
+        for i in rows[~scalar[rows]].tolist():
+            count, size = _flagged_elements(result, i, op, thresholds.saturation_eps)
+            stats.nodes += 1
+            stats.elements += size
+            stats.flagged += count
+            verdict = _gate_verdict(op, count, size, thresholds)
+            if verdict is not None:
+                found.append((np.array([i]), op, verdict))
+    findings = _gate_findings(program, found)
+    nonfinite = _nonfinite_rows(result, values, grads, scalar)
+    if nonfinite.size:
+        findings.append(_nonfinite_finding(result, int(nonfinite[0]), nonfinite.size))
+    params = program.rows_of("param")
+    findings += _exploding_leaves(result, grads, scalar, thresholds)
     return GraphDiagnostics(
         relu=gates["relu"],
         sigmoid=gates["sigmoid"],
         tanh=gates["tanh"],
-        nonfinite_nodes=[program.ids[i] for i in nonfinite],
-        parameter_tensors=len(params),
-        parameter_total=sum(result.values[i].size for i in params),
-        findings=findings + exploding,
+        nonfinite_nodes=program.node_ids(nonfinite),
+        parameter_tensors=params.size,
+        parameter_total=sum(math.prod(program.shapes[i]) for i in params.tolist()),
+        findings=findings,
     )
 
 
-def _gate_reading(
-    result: Result, i: int, op: str, stats: GateStats, thresholds: Thresholds
-) -> Finding | None:
-    """Add gate node i to its op's stats; its finding, if its elements call for one."""
-    count, size = _flagged_elements(result, i, op, thresholds.saturation_eps)
-    stats.nodes += 1
-    stats.elements += size
-    stats.flagged += count
-    verdict = _gate_verdict(op, count, size, thresholds)
-    return None if verdict is None else _gate_finding(result.program.ids[i], op, verdict)
-
-
 def _flagged_elements(result: Result, i: int, op: str, eps: float) -> tuple[int, int]:
-    """(dead or saturated elements, elements) of gate node i. A float64 scalar is read as a
-    Python float: the same comparisons, without a bool array and two NumPy calls."""
-    program = result.program
-    relu = op == "relu"
-    x = result.values[program.operands[i][0]] if relu else result.values[i]
-    if x.ndim == 0 and x.dtype == np.float64:
-        value = float(x)
-        return int(value <= 0 if relu else _saturated(value, op, eps)), 1
-    flagged = is_dead(x) if relu else is_saturated(x, op, eps)
+    """(dead or saturated elements, elements) of tensor gate node i."""
+    x = result.value(int(result.program.operands[0, i])) if op == "relu" else result.value(i)
+    flagged = is_dead(x) if op == "relu" else is_saturated(x, op, eps)
     return int(np.count_nonzero(flagged)), flagged.size
+
+
+def _nonfinite_rows(result: Result, values: Array, grads: Array, scalar: Array) -> Array:
+    """The rows whose value or gradient holds NaN or Infinity, ascending."""
+    program = result.program
+    with_grad = np.ones(len(program), bool)
+    with_grad[program.rows_of("const")] = False
+    with_grad[list(program.no_grad)] = False
+    bad = scalar & ~(np.isfinite(values) & (np.isfinite(grads) | ~with_grad))
+    for i in np.flatnonzero(~scalar).tolist():
+        bad[i] = not (is_finite(result.value(i)) and is_finite(result.grad(i)))
+    return np.flatnonzero(bad)
+
+
+def _exploding_leaves(
+    result: Result, grads: Array, scalar: Array, thresholds: Thresholds
+) -> list[Finding]:
+    """An input or param whose gradient has a finite norm above `exploding_norm`."""
+    program = result.program
+    findings = []
+    leaves = program.rows_of("input", "param")
+    scalar_leaves = leaves[scalar[leaves]]
+    with np.errstate(invalid="ignore"):
+        magnitudes = np.abs(grads[scalar_leaves])
+        steep = np.isfinite(magnitudes) & (magnitudes > thresholds.exploding_norm)
+    norms = dict(zip(scalar_leaves[steep].tolist(), magnitudes[steep].tolist(), strict=True))
+    for i in leaves[~scalar[leaves]].tolist():
+        grad = result.grad(i)
+        norm = None if grad is None else _finite_norm(grad)
+        if norm is not None and norm > thresholds.exploding_norm:
+            norms[i] = norm
+    for i in sorted(norms):
+        findings.append(_exploding(program.node_id(i), norms[i], thresholds))
+    return findings
 
 
 def _gate_finding(node: str, op: str, verdict: tuple[str, str, str]) -> Finding:
@@ -273,64 +300,18 @@ def _gate_verdict(
     return code, severity, f"{count} of {size} elements ({fraction:.0%}) are {what}; {advice}."
 
 
-def _scalar_diagnostics(
-    result: Result, values: Array, grads: Array, thresholds: Thresholds
-) -> GraphDiagnostics:
-    """graph_diagnostics of an all-scalar program from its flat value and gradient arrays:
-    the same stats and findings, in the same order, with one NumPy pass per question."""
-    program = result.program
-    none = np.empty(0, np.intp)
-    rows = {
-        op: op_rows(program).get(op, none) for op in ("relu", "sigmoid", "tanh", "input", "param")
-    }
-    gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
-    found: list[tuple[Array, str, tuple[str, str, str]]] = []  # (rows, op, verdict)
-    for op, stats in gates.items():
-        at = rows[op]
-        if op == "relu":
-            flagged = is_dead(values[_first_operands(program, at)])
-        else:
-            flagged = is_saturated(values[at], op, thresholds.saturation_eps)
-        stats.nodes = stats.elements = at.size
-        stats.flagged = int(np.count_nonzero(flagged))
-        for count, where in ((1, at[flagged]), (0, at[~flagged])):  # a scalar: 1 of 1, or 0
-            verdict = _gate_verdict(op, count, 1, thresholds)
-            if verdict is not None and where.size:
-                found.append((where, op, verdict))
-    findings = _gate_findings(program, found)
-    bad = np.flatnonzero(~(np.isfinite(values) & np.isfinite(grads)))
-    nonfinite = _ids_at(program, bad)
-    if nonfinite:
-        findings.append(_nonfinite_finding(result, int(bad[0]), len(nonfinite)))
-    leaves = np.sort(np.concatenate((rows["input"], rows["param"])))
-    with np.errstate(invalid="ignore"):
-        leaf_grads = grads[leaves]
-        steep = leaves[np.isfinite(leaf_grads) & (np.abs(leaf_grads) > thresholds.exploding_norm)]
-    findings += [_exploding(program.ids[i], abs(float(grads[i])), thresholds) for i in steep]
-    return GraphDiagnostics(
-        relu=gates["relu"],
-        sigmoid=gates["sigmoid"],
-        tanh=gates["tanh"],
-        nonfinite_nodes=nonfinite,
-        parameter_tensors=rows["param"].size,
-        parameter_total=rows["param"].size,
-        findings=findings,
-    )
-
-
 def _gate_findings(
     program: Program, found: list[tuple[Array, str, tuple[str, str, str]]]
 ) -> list[Finding]:
-    """A finding per row of each (rows, op, verdict) group, in row order as the per-node
-    path reports them. A big graph may have a finding per node: the ids are named once for
-    all rows, each group's code, severity and message text made once, and per row only
-    the message and the tuple are built."""
+    """A finding per row of each (rows, op, verdict) group, in row order. A big graph may
+    have a finding per node: the ids are named once for all rows, each group's code,
+    severity and message text made once, and per row only the message and the tuple."""
     if not found:
         return []
     at = np.concatenate([where for where, _, _ in found])
     group = np.repeat(np.arange(len(found)), [where.size for where, _, _ in found])
     order = np.argsort(at, kind="stable")
-    names = _ids_at(program, at[order])
+    names = program.node_ids(at[order])
     parts = [
         (code, severity, f"{op} node ", f": {text}") for _, op, (code, severity, text) in found
     ]
@@ -344,27 +325,14 @@ def _gate_findings(
     return list(map(tuple.__new__, repeat(Finding), fields))
 
 
-def _first_operands(program: Program, rows: Array) -> Array:
-    if isinstance(program.operands, OperandRows):  # a columns body: read the column
-        first: Array = program.operands.columns[0][rows]
-        return first
-    return np.array([program.operands[i][0] for i in rows.tolist()], np.intp)
-
-
-def _ids_at(program: Program, rows: Array) -> list[str]:
-    if isinstance(program.ids, RowIds):  # a columns body without ids: the row numbers
-        return list(map(str, rows.tolist()))
-    return list(map(program.ids.__getitem__, rows.tolist()))
-
-
 def _nonfinite_finding(result: Result, i: int, count: int) -> Finding:
-    first = result.program.ids[i]
-    where = "value" if not is_finite(result.values[i]) else "gradient"
+    first = result.program.node_id(i)
+    where = "value" if not is_finite(result.value(i)) else "gradient"
     return Finding(
         "nonfinite",
         "fail",
         first,
-        f"a non-finite {where} first appears at node {first!r} ({result.program.ops[i]}); "
+        f"a non-finite {where} first appears at node {first!r} ({result.program.op(i)}); "
         f"{count} node(s) hold NaN or Infinity. Look for overflow (exp, pow), log or sqrt of "
         "values <= 0, or division by zero there.",
     )

@@ -7,7 +7,7 @@ The service turns these into problem+json 422 answers; the engine never knows ab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 Loc = tuple[str | int, ...]
 
@@ -49,3 +49,22 @@ class LimitError(EngineError):
         super().__init__(message, loc=loc, node=node)
         self.limit = limit
         self.value = value
+
+
+def check_limits(
+    checks: Iterable[tuple[str, int, int, str]],
+    *,
+    loc: Sequence[str | int] = (),
+    node: str | None = None,
+) -> None:
+    """Refuse the first (limit name, limit, amount, what) whose amount is over its limit (a
+    limit of 0 is none): "<what> <amount>; the limit <name> is <limit>", a `LimitError`."""
+    for name, limit, amount, what in checks:
+        if limit and amount > limit:
+            raise LimitError(
+                f"{what} {amount}; the limit {name} is {limit}",
+                limit=name,
+                value=limit,
+                loc=loc,
+                node=node,
+            )

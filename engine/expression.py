@@ -45,8 +45,8 @@ from typing import Any, ClassVar, NamedTuple, NoReturn
 
 import numpy as np
 
+from gradiag.engine.compiler import NodeSpec
 from gradiag.engine.errors import EngineError, LimitError
-from gradiag.engine.graph import NodeSpec
 from gradiag.engine.ops import OPS, Array
 
 MAX_TEXT_ID = 60

@@ -11,11 +11,12 @@ and it is compared with the analytic gradient a by the relative error
 |a - n| / max(|a|, |n|) (0 where both are 0). The CS231n bands name the result:
 > 1e-2 "wrong", (1e-4, 1e-2] "uncomfortable", (1e-7, 1e-4] "ok for kinks", <= 1e-7 "good".
 
-Kinks. For every node of a kink op (relu, abs, leaky_relu: the sign of x; max, min: the sign
-of a - b) the two perturbed forwards are compared: when an element's sign differs between
-the +h and -h runs, or it is exactly 0 at the unperturbed point and moved, the step crossed
-a kink or a tie and the centred difference is not a derivative there. Such elements are
-reported as kink crossings and left out of `passed` and `max_relative_error`.
+Kinks. For every node of a kink op (the op table's `kink`: relu, abs, leaky_relu: the sign of
+x; max, min: the sign of a - b) the two perturbed forwards are compared: when an element's
+sign differs between the +h and -h runs, or it is exactly 0 at the unperturbed point and
+moved, the step crossed a kink or a tie and the centred difference is not a derivative there.
+Such elements are reported as kink crossings and left out of `passed` and
+`max_relative_error`.
 
 Cost. At most `max_elements_per_node` elements of a leaf are checked (all of them when it
 has no more; otherwise a sorted sample drawn without replacement by
@@ -26,19 +27,16 @@ leaves round-robin in topological order and `complete` is false).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradiag.engine.compiler import Program
 from gradiag.engine.errors import EngineError, LimitError
-from gradiag.engine.graph import LeafColumn, Program, Result, check_deadline, forward
-from gradiag.engine.ops import Array
-
-# (op, the operand whose sign matters) or (op, None): the sign of operand 0 - operand 1.
-KINK_OPS: dict[str, int | None] = {"relu": 0, "abs": 0, "leaky_relu": 0, "max": None, "min": None}
+from gradiag.engine.executor import Result, Slots, check_deadline, forward
+from gradiag.engine.ops import OPS, Array
 
 BANDS: tuple[tuple[float, str], ...] = (
     (1e-2, "wrong"),
@@ -161,17 +159,18 @@ def gradcheck(
         if output_grad is None
         else np.asarray(output_grad, dtype=program.dtype)
     )
-    leaves = [i for i, op in enumerate(program.ops) if op in ("input", "param")]
+    leaves = program.rows_of("input", "param").tolist()
     samples = {i: _sample(program.shapes[i], options, k) for k, i in enumerate(leaves)}
     quota = _share([len(samples[i]) for i in leaves], max(0, options.max_evaluations) // 2)
-    kink_nodes = [i for i, op in enumerate(program.ops) if op in KINK_OPS]
+    kinky = [name for name in program.names if name in OPS and OPS[name].kink is not None]
+    kink_nodes = program.rows_of(*kinky).tolist()
     center_signs = {i: _kink_sign(program, result.values, i) for i in kink_nodes}
     checks: list[NodeCheck] = []
     evaluations = 0
     for leaf, take in zip(leaves, quota, strict=True):
-        check = NodeCheck(program.ids[leaf], elements=math.prod(program.shapes[leaf]))
+        check = NodeCheck(program.node_id(leaf), elements=math.prod(program.shapes[leaf]))
         checks.append(check)
-        grad = result.grads[leaf]
+        grad = result.grad(leaf)
         assert grad is not None  # inputs and params always get a gradient
         for element in samples[leaf][:take]:
             evaluations += 2
@@ -197,8 +196,8 @@ def gradcheck(
                     check.kinks.append(
                         KinkCrossing(
                             element,
-                            program.ids[at],
-                            program.ops[at],
+                            program.node_id(at),
+                            program.op(at),
                             at_element,
                             analytic,
                             numerical,
@@ -237,32 +236,25 @@ def _share(wanted: Sequence[int], budget: int) -> list[int]:
     return given
 
 
-def _moved_leaves(
-    program: Program, leaf: int, element: tuple[int, ...], step: float
-) -> Mapping[int, Array]:
-    """The leaf values with one element moved by `step` (a copy: the program is shared)."""
-    leaves = program.leaf_values
-    if isinstance(leaves, LeafColumn):  # a table: one flat copy, not a dict of every leaf
-        column = leaves.column.copy()
-        column[leaf] += step
-        return LeafColumn(column, leaves.rows)
-    value = leaves[leaf].copy()
-    value[element] += step
-    return {**leaves, leaf: value}
-
-
 def _perturbed_forward(
     program: Program,
     leaf: int,
     element: tuple[int, ...],
     step: float,
     deadline: float | None = None,
-) -> Sequence[Array] | None:
-    moved = dataclasses.replace(program, leaf_values=_moved_leaves(program, leaf, element, step))
-    # what the program keeps on itself (the batch plan, op rows) does not depend on values
-    moved.__dict__.update({k: v for k, v in program.__dict__.items() if k.startswith("_")})
+) -> Slots | None:
+    """Every value with one element of one leaf moved by `step` (the program's own leaf
+    values stay as they are: a copy of the one leaf column or array is moved)."""
+    scalars, tensors = program.scalars, program.tensors
+    if program.shapes[leaf]:
+        moved = tensors[leaf].copy()
+        moved[element] += step
+        tensors = {**tensors, leaf: moved}
+    else:
+        scalars = scalars.copy()
+        scalars[leaf] += step
     try:
-        values, _ = forward(moved, deadline=deadline)
+        values, _ = forward(program, scalars=scalars, tensors=tensors, deadline=deadline)
     except LimitError:
         raise  # the time budget: the whole request stops
     except EngineError:
@@ -270,23 +262,24 @@ def _perturbed_forward(
     return values
 
 
-def _kink_sign(program: Program, values: Sequence[Array], node: int) -> Array:
+def _kink_sign(program: Program, values: Slots, node: int) -> Array:
     """The sign whose change marks a kink (x for relu/abs/leaky_relu, a - b for max/min)."""
-    operands = program.operands[node]
-    which = KINK_OPS[program.ops[node]]
     with np.errstate(all="ignore"):
-        if which is None:
-            x: Array = np.asarray(values[operands[0]] - values[operands[1]])
-        else:
-            x = values[operands[which]]
-        sign: Array = np.sign(x)
+        sign: Array = np.sign(_kink_operand(program, values, node))
     return sign
+
+
+def _kink_operand(program: Program, values: Slots, node: int) -> Array:
+    operands = program.inputs(node)
+    if OPS[program.op(node)].kink == "a-b":
+        return np.asarray(values[operands[0]] - values[operands[1]])
+    return values[operands[0]]
 
 
 def _kink_crossing(
     program: Program,
-    plus: Sequence[Array],
-    minus: Sequence[Array],
+    plus: Slots,
+    minus: Slots,
     center_signs: dict[int, Array],
 ) -> tuple[int, tuple[int, ...]] | None:
     """The first kink node (and its element) whose sign differs between the two runs, or
@@ -297,22 +290,10 @@ def _kink_crossing(
         crossed = sign_plus != sign_minus
         if np.any(center == 0):
             with np.errstate(all="ignore"):
-                moved = _kink_moved(program, plus, minus, node)
+                moved = _kink_operand(program, plus, node) != _kink_operand(program, minus, node)
             crossed = crossed | ((center == 0) & moved)
         if np.any(crossed):
             flat = int(np.argmax(np.ravel(crossed)))
             where = np.unravel_index(flat, np.shape(crossed)) if np.ndim(crossed) else ()
             return node, tuple(int(d) for d in where)
     return None
-
-
-def _kink_moved(
-    program: Program, plus: Sequence[Array], minus: Sequence[Array], node: int
-) -> Array:
-    operands = program.operands[node]
-    if KINK_OPS[program.ops[node]] is None:
-        a = plus[operands[0]] - plus[operands[1]]
-        b = minus[operands[0]] - minus[operands[1]]
-    else:
-        a, b = plus[operands[0]], minus[operands[0]]
-    return np.asarray(a != b)

@@ -1,7 +1,7 @@
 """A fully-connected network, lowered to the engine's ops (the CS231n "neural networks" notes).
 
-A network is not a second engine. `lower` turns its definition into `NodeSpec`s that
-`compile_graph` and `run` treat like any other graph, and `network_diagnostics` reads each
+A network is not a second engine. `build_graph` turns its definition into `NodeSpec`s that
+the compiler and executor treat like any other graph, and `network_diagnostics` reads each
 layer's health off that one forward/backward pass. Layer i (1-based: the input layer is not
 counted) becomes four nodes, with a_prev = X for layer 1:
 
@@ -12,20 +12,19 @@ counted) becomes four nodes, with a_prev = X for layer 1:
 
 The last layer's `a` are the scores. With l2 = 0 the loss node is `loss`; with l2 > 0 it is
 `data_loss`, the penalty 0.5 * l2 * sum_i sum(W_i^2) is `l2`, and `loss` = data_loss + l2.
-`X` is an `input`; labels or targets are the `const` `y`. d loss / d X costs a matmul as big
-as layer 1's and only the `gradients` report reads it, so the caller compiles with
-`no_grad=unread_gradients(...)` to skip it otherwise.
+`X` is an `input`; labels or targets are the `const` `y`.
 
-Leaves are cast to the network's dtype as they are drawn (`leaf_values`), so a float32 run
-holds no float64 twin of its weights and `compile_graph` copies nothing.
-
-Limits are checked on the lowered graph before any weight or batch is drawn: `lower` runs
-once on zero-stride placeholders (no memory), and `compile_graph` infers every shape, the
-element counts and the FLOPs from them with Python ints.
+`compile_network` compiles the lowered graph once, on zero-stride placeholder leaves (no
+memory): the compiler infers every shape, the element counts and the FLOPs with Python ints
+and checks the limits before any weight or batch is drawn. `with_leaves` then puts in the
+real leaves (`leaf_values`), cast to the network's dtype as they are drawn, so a float32 run
+holds no float64 twin of its weights. d loss / d X costs a matmul as big as layer 1's and
+only the `gradients` report reads it, so it is skipped otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from gradiag.engine.compiler import Limits, NodeSpec, Program, compile_graph
 from gradiag.engine.diagnostics import (
     DEAD_RELU_ADVICE,
     SATURATION_ADVICE,
@@ -46,9 +46,9 @@ from gradiag.engine.diagnostics import (
     sum_of_squares,
     worst_status,
 )
-from gradiag.engine.errors import GraphError, LimitError, Loc, ShapeError, ValueDomainError
-from gradiag.engine.graph import Limits, NodeSpec, Result, compile_graph
-from gradiag.engine.ops import Array, Shape
+from gradiag.engine.errors import GraphError, Loc, ShapeError, ValueDomainError, check_limits
+from gradiag.engine.executor import Result
+from gradiag.engine.ops import Array, Shape, bad_class_label
 
 # The op each activation lowers to; `linear` keeps z as it is.
 ACTIVATION_OPS: dict[str, str] = {
@@ -275,10 +275,8 @@ def _check_labels(y: Array, classes: int) -> None:
         raise ShapeError(
             f"class labels must be a flat list (N,), got shape {list(y.shape)}", loc=("batch", "y")
         )
-    with np.errstate(invalid="ignore"):
-        good = np.isfinite(y) & (y == np.round(y)) & (y >= 0) & (y < classes)
-    if not np.all(good):
-        k = int(np.argmin(good))
+    k = bad_class_label(y, classes)
+    if k is not None:
         raise ValueDomainError(
             f"label {float(y[k])!r} is not an integer class in [0, {classes}) "
             f"(the last layer has {classes} units)",
@@ -286,12 +284,12 @@ def _check_labels(y: Array, classes: int) -> None:
         )
 
 
-def check_network_limits(spec: NetworkSpec, limits: NetworkLimits) -> None:
-    """Refuse a network over the limits before a weight or an example is drawn.
-
-    The layer, unit and batch counts are read off the definition; element counts and FLOPs
-    come from compiling the lowered graph on zero-stride placeholders, so they are exactly
-    the numbers the real graph will have, computed with Python ints."""
+def compile_network(spec: NetworkSpec, limits: NetworkLimits, *, gradients: bool) -> Program:
+    """The network's program, compiled once on zero-stride placeholder leaves (no memory):
+    the layer, unit and batch counts are checked off the definition first, then the
+    compiler checks the element counts and FLOPs of the lowered graph, all before a weight
+    or an example is drawn. `with_leaves` puts the real weights and batch in. X's gradient
+    is left out unless the report returns every node's (`gradients`)."""
     checks: list[tuple[str, int, int, Loc]] = [
         ("max_layers", limits.max_layers, len(spec.layers), ("layers",)),
         ("max_units", limits.max_units, spec.input_dim, ("input_dim",)),
@@ -305,15 +303,24 @@ def check_network_limits(spec: NetworkSpec, limits: NetworkLimits) -> None:
     )
     checks.append(("max_batch", limits.max_batch, spec.batch_size, batch_loc))
     for name, limit, amount, loc in checks:
-        if limit and amount > limit:
-            raise LimitError(
-                f"{'.'.join(map(str, loc))} is {amount}; the limit {name} is {limit}",
-                limit=name,
-                value=limit,
-                loc=loc,
-            )
+        check_limits([(name, limit, amount, f"{'.'.join(map(str, loc))} is")], loc=loc)
     nodes, output = build_graph(spec, placeholder_leaves(spec))
-    compile_graph(nodes, output, limits=limits.graph, dtype=np.dtype(spec.dtype))
+    return compile_graph(
+        nodes,
+        output,
+        limits=limits.graph,
+        dtype=np.dtype(spec.dtype),
+        no_grad=unread_gradients(gradients=gradients),
+    )
+
+
+def with_leaves(program: Program, leaves: Mapping[str, Array]) -> Program:
+    """The program with these leaf values (by id) in place of its placeholders."""
+    rows = {name: program.node_ids().index(name) for name in leaves}
+    tensors = dict(program.tensors)
+    for name, value in leaves.items():
+        tensors[rows[name]] = value
+    return dataclasses.replace(program, tensors=tensors)
 
 
 # --- leaves: weights and batch, explicit or drawn ----------------------------------------
@@ -405,8 +412,8 @@ def unread_gradients(*, gradients: bool) -> frozenset[str]:
 
 
 def lower(spec: NetworkSpec) -> tuple[list[NodeSpec], str]:
-    """The network as engine nodes and the id of its output (`loss`). Call `check_network`
-    and `check_network_limits` first: this draws the weights and the batch."""
+    """The network as engine nodes with its real leaves (drawn or given), and the id of its
+    output (`loss`). The service compiles on placeholders instead (`compile_network`)."""
     return build_graph(spec, leaf_values(spec))
 
 
@@ -566,13 +573,14 @@ class NetworkDiagnostics:
 def network_diagnostics(
     result: Result, spec: NetworkSpec, thresholds: Thresholds
 ) -> NetworkDiagnostics:
-    index = {node: i for i, node in enumerate(result.program.ids)}
+    ids = result.program.node_ids()
+    index = {node: i for i, node in enumerate(ids)}
 
     def value(node: str) -> Array:
-        return result.values[index[node]]
+        return result.value(index[node])
 
     def grad(node: str) -> Array:
-        g = result.grads[index[node]]
+        g = result.grad(index[node])
         assert g is not None  # params get a gradient
         return g
 
@@ -583,8 +591,8 @@ def network_diagnostics(
     ]
     nonfinite = [
         node
-        for i, node in enumerate(result.program.ids)
-        if not (stats.finite(result.values[i]) and stats.finite(result.grads[i]))
+        for i, node in enumerate(ids)
+        if not (stats.finite(result.value(i)) and stats.finite(result.grad(i)))
     ]
     ratio = _first_to_last(layers, "grad_norm_W")
     signal = _first_to_last(layers, "grad_norm_z")
@@ -766,12 +774,12 @@ def _vanishing_finding(
 def _nonfinite_origin(result: Result) -> tuple[str, str]:
     """Where NaN or Infinity starts: the first non-finite value in forward order, else the
     first non-finite gradient in backward order (the last in topological order)."""
-    ids = result.program.ids
-    for i, value in enumerate(result.values):
-        if not is_finite(value):
+    ids = result.program.node_ids()
+    for i in range(len(ids)):
+        if not is_finite(result.value(i)):
             return ids[i], "value"
     for i in range(len(ids) - 1, -1, -1):
-        if not is_finite(result.grads[i]):
+        if not is_finite(result.grad(i)):
             return ids[i], "gradient"
     raise AssertionError("called without a non-finite node")
 
@@ -804,8 +812,9 @@ __all__ = [
     "RandomBatch",
     "Weights",
     "check_network",
-    "check_network_limits",
+    "compile_network",
     "lower",
     "network_diagnostics",
     "parameter_counts",
+    "with_leaves",
 ]

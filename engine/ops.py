@@ -1,36 +1,33 @@
-"""The op table: every op's forward and backward, side by side.
+"""The op table: every op's forward and backward, side by side, and all an op's meta.
 
 Each op is a pair of functions in the style of the CS231n `layers.py`:
 
     out, cache = <op>_forward(*operands, **attrs)
     d_operands = <op>_backward(dout, cache)  # one gradient per operand (None: none)
 
-Ops marked `takes_needs` (matmul, affine) take a third argument, `needs`, one bool per
-operand: an operand that needs no gradient gets None and costs no work. Ops marked
-`elementwise` may run many scalar nodes in one call (the graph's level batching); of those,
-ops marked `scales` promise that their backward is `dout * d` with `d` made from the cache
-alone, so that the batching may take `d` once and multiply (tests/test_batching.py checks
-the promise for every op that makes it, on huge, tiny and subnormal values).
-
 `dout` has the shape of `out`. A backward may return a gradient with the *broadcast* shape of
-the op; the graph sums it back to each operand's shape (see `graph.unbroadcast`), so the ops
-stay as short as their formulas. No backward writes into `dout`: gradients may be shared
-between nodes (a fork hands the same array to both operands).
+the op; the executor sums it back to each operand's shape (`unbroadcast`), so the ops stay as
+short as their formulas. No backward writes into `dout`: gradients may be shared between
+nodes (a fork hands the same array to both operands).
 
 At kinks the rules follow PyTorch so results can be checked against it: relu'(0) = 0,
 abs'(0) = 0, leaky_relu'(0) = alpha, and a tie in max/min splits the gradient equally.
 relu(NaN) is NaN, as in PyTorch, and a gradient a gate blocks stays 0 even when it is inf.
 
-`OPS` is the only place that knows what an op does; adding an op is one entry here plus its
-row in the tests' gradient-check table.
+`OPS` is the only place that knows what an op does: its arity, its attrs (their types and
+meanings; defaults are the forward's own keyword defaults), its shape rule, its cost, its
+kink (for gradcheck), how it routes gradient (the lecture's gate words), and how the executor
+may run it. The wire schemas, `GET /v1/ops`, gradcheck and the executor all read it; adding
+an op is one `Op(...)` row here plus its row in the tests' gradient-check table.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,6 +38,9 @@ Shape = tuple[int, ...]
 Cache = Any
 Grads = tuple[Array | None, ...]
 Needs = tuple[bool, ...]
+# Where a centred difference is not a derivative: the sign of operand 0 ("x": relu, abs) or
+# of operand 0 - operand 1 ("a-b": a max/min tie).
+Kink = Literal["x", "a-b"]
 
 
 SMALL = 4096  # elements: below this, per-call overhead decides, not memory traffic
@@ -60,6 +60,25 @@ def all_finite(x: Array) -> bool:
     return math.isfinite(total) or bool(np.isfinite(x).all())
 
 
+def elementwise_flops(ins: Sequence[Shape], out: Shape, **attrs: Any) -> int:
+    """One operation per output element (the default cost)."""
+    return math.prod(out)
+
+
+def no_scratch(ins: Sequence[Shape], out: Shape, **attrs: Any) -> int:
+    """Elements an op allocates beyond its output: none for most ops."""
+    return 0
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One setting of an op: its type as the wire takes it (a Python annotation the schemas
+    turn into a field) and its meaning. The default is the forward's keyword default."""
+
+    kind: Any
+    doc: str
+
+
 @dataclass(frozen=True)
 class Op:
     """One entry of the table. `shape` infers the output shape before anything is computed,
@@ -71,25 +90,37 @@ class Op:
     forward: Callable[..., tuple[Array, Cache]]
     backward: Callable[..., Grads]  # (dout, cache), or (dout, cache, needs) with takes_needs
     shape: Callable[..., Shape]
-    attrs: Mapping[str, str] = field(default_factory=dict)
+    attrs: Mapping[str, Attr] = field(default_factory=dict)
     # How the op routes gradient, in the CS231n notes' words (used to explain gates).
     role: str = ""
-    # Floating-point operations for the work estimate, from operand and output shapes.
-    flops: Callable[[Sequence[Shape], Shape], int] = lambda ins, out: math.prod(out)
-    # Forward and backward work element by element (no axes, no reductions), so the graph may
-    # run many same-op scalar nodes as one call on 1-D arrays (engine.graph level batching).
-    elementwise: bool = False
+    # Floating-point operations of forward + backward, from operand and output shapes.
+    flops: Callable[..., int] = elementwise_flops
+    # Elements of temporaries beyond the output (im2col's columns), for the memory estimate.
+    scratch: Callable[..., int] = no_scratch
+    # Where a centred difference crosses a kink (gradcheck leaves such elements out).
+    kink: Kink | None = None
+    # Forward and backward work element by element (no axes, no reductions), so the executor
+    # may run many same-op scalar nodes of a topological level as one call on 1-D arrays.
+    batches: bool = False
     # The backward returns `dout * d` per operand, `d` made from the cache alone: then for a
     # finite g, backward(g) is g times backward(1) (relu's np.where may give +0 where the
-    # product gives -0, which adds the same), and level batching takes those derivatives
-    # once for all nodes and multiplies. div, log, sqrt and reciprocal divide or scale twice
-    # (g / b, -g * out * out): their derivative as one number can underflow (-1/x^2 at
+    # product gives -0, which adds the same), and the executor takes those derivatives once
+    # for all batched nodes and multiplies. div, log, sqrt and reciprocal divide or scale
+    # twice (g / b, -g * out * out): their derivative as one number can underflow (-1/x^2 at
     # x = 1e200) or overflow (1/x at a subnormal x) where the product would not.
     scales: bool = False
     # The backward takes a third argument `needs` (one bool per operand) and returns None for
     # an operand that needs no gradient (a const, a batch nobody reads the gradient of), so
-    # `graph.backward` skips work like matmul's d(input), a full matmul of its own.
+    # the executor skips work like matmul's d(input), a full matmul of its own.
     takes_needs: bool = False
+    # The op has weights among its operands (matmul, affine): a relu feeding one, on some
+    # path to the output, is a hidden unit; one that does not is a margin (a hinge's max).
+    weighted: bool = False
+
+    def attr_defaults(self) -> dict[str, Any]:
+        """Each attr's default: the forward's own keyword default."""
+        params = inspect.signature(self.forward).parameters
+        return {name: params[name].default for name in self.attrs}
 
 
 # --- shape rules ------------------------------------------------------------------------
@@ -157,7 +188,7 @@ def affine_shape(x: Shape, W: Shape, b: Shape) -> Shape:
     return (x[0], W[1])
 
 
-def affine_flops(ins: Sequence[Shape], out: Shape) -> int:
+def affine_flops(ins: Sequence[Shape], out: Shape, **attrs: Any) -> int:
     return (2 * ins[0][1] + 1) * math.prod(out)  # the matmul, then one add per output
 
 
@@ -178,7 +209,7 @@ def matmul_shape(a: Shape, b: Shape) -> Shape:
     return out
 
 
-def matmul_flops(ins: Sequence[Shape], out: Shape) -> int:
+def matmul_flops(ins: Sequence[Shape], out: Shape, **attrs: Any) -> int:
     inner = ins[0][-1]
     return 2 * inner * max(1, math.prod(out))
 
@@ -417,9 +448,9 @@ def matmul_backward(dout: Array, cache: Cache, needs: Needs = (True, True)) -> G
         dout2 = dout2[..., np.newaxis, :]
     da = db = None
     if needs[0]:
-        da = _sum_to(np.matmul(dout2, np.swapaxes(b2, -1, -2)), a2.shape).reshape(a.shape)
+        da = unbroadcast(np.matmul(dout2, np.swapaxes(b2, -1, -2)), a2.shape).reshape(a.shape)
     if needs[1]:
-        db = _sum_to(np.matmul(np.swapaxes(a2, -1, -2), dout2), b2.shape).reshape(b.shape)
+        db = unbroadcast(np.matmul(np.swapaxes(a2, -1, -2), dout2), b2.shape).reshape(b.shape)
     return da, db
 
 
@@ -441,13 +472,19 @@ def affine_backward(dout: Array, cache: Cache, needs: Needs = (True, True, True)
     return dx, dW, db
 
 
-def _sum_to(g: Array, shape: Shape) -> Array:
-    """Sum leading batch axes that broadcasting added (matmul's batch dims)."""
-    extra = g.ndim - len(shape)
-    if extra:
-        g = g.sum(axis=tuple(range(extra)))
-    kept = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    return g.sum(axis=kept, keepdims=True) if kept else g
+def unbroadcast(grad: Array, shape: Shape) -> Array:
+    """Sum a gradient of a broadcast shape back to the operand's `shape`: the leading axes
+    broadcasting added, and the axes it stretched from 1."""
+    grad = np.asarray(grad)
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return np.broadcast_to(grad, shape) if grad.shape != shape else grad
 
 
 def transpose_forward(x: Array, axes: Sequence[int] | None = None) -> tuple[Array, Cache]:
@@ -502,13 +539,18 @@ def mse_backward(dout: Array, diff: Cache) -> Grads:
     return dscores, -dscores
 
 
+def bad_class_label(labels: Array, classes: int) -> int | None:
+    """The index of the first label that is not an integer class in [0, classes), or None."""
+    with np.errstate(invalid="ignore"):
+        good = np.isfinite(labels) & (labels == np.round(labels)) & (labels >= 0)
+        good &= labels < classes
+    return None if good.all() else int(np.argmin(good))
+
+
 def _class_labels(scores: Array, labels: Array) -> Array:
     classes = scores.shape[1]
-    with np.errstate(invalid="ignore"):
-        whole = np.isfinite(labels) & (labels == np.round(labels))
-        in_range = whole & (labels >= 0) & (labels < classes)
-    if not np.all(in_range):
-        bad = int(np.argmin(in_range))
+    bad = bad_class_label(labels, classes)
+    if bad is not None:
         raise ValueDomainError(
             f"label {float(labels[bad])!r} at row {bad} is not an integer class in [0, {classes})"
         )
@@ -554,69 +596,66 @@ _DISTRIBUTES = "add gate: distributes the gradient unchanged to every input"
 _SWAPS = "mul gate: scales each input's gradient by the other input (swap)"
 _ROUTES = "max gate: routes the whole gradient to the larger input (a tie splits it)"
 _LOCAL = "scales the gradient by its local derivative"
-_AXIS = "int or list of ints; the axes to reduce (default: all)"
-_KEEPDIMS = "bool; keep reduced axes with size 1 (default false)"
+_AXIS = Attr(int | list[int] | None, "the axes to reduce (default: all)")
+_KEEPDIMS = Attr(bool, "keep reduced axes with size 1")
 
 _TABLE: list[Op] = [
     Op("add", 2, "a + b (broadcasting)", add_forward, add_backward, broadcast_shape,
-       role=_DISTRIBUTES, elementwise=True, scales=True),
+       role=_DISTRIBUTES, batches=True, scales=True),
     Op("sub", 2, "a - b (broadcasting)", sub_forward, sub_backward, broadcast_shape,
-       role="sub gate: passes the gradient to a unchanged and negated to b", elementwise=True,
+       role="sub gate: passes the gradient to a unchanged and negated to b", batches=True,
        scales=True),
     Op("mul", 2, "a * b elementwise (broadcasting)", mul_forward, mul_backward, broadcast_shape,
-       role=_SWAPS, elementwise=True, scales=True),
+       role=_SWAPS, batches=True, scales=True),
     Op("div", 2, "a / b (broadcasting)", div_forward, div_backward, broadcast_shape,
-       role="div gate: da = g / b, db = -g * a / b^2", elementwise=True),
-    # not `elementwise` for batching: NumPy's power loop swaps in sqrt/reciprocal for a scalar
-    # (stride-0) exponent of 0.5/-1, so a 1-D batch differs from the 0-d call in the last bit
-    # and at -inf ((-inf) ** 0.5: nan vs inf); a graph with pow takes the per-node walk
+       role="div gate: da = g / b, db = -g * a / b^2", batches=True),
     Op("pow", 2, "base ** exponent (broadcasting)", pow_forward, pow_backward, broadcast_shape,
-       role=_LOCAL),
+       role=_LOCAL, batches=True),
     Op("max", 2, "elementwise maximum of a and b", max_forward, pick_backward, broadcast_shape,
-       role=_ROUTES, elementwise=True, scales=True),
+       role=_ROUTES, kink="a-b", batches=True, scales=True),
     Op("min", 2, "elementwise minimum of a and b", min_forward, pick_backward, broadcast_shape,
        role="min gate: routes the whole gradient to the smaller input (a tie splits it)",
-       elementwise=True, scales=True),
+       kink="a-b", batches=True, scales=True),
     Op("identity", 1, "x unchanged (a linear layer's activation)", identity_forward,
        identity_backward, same_shape, role="passes the gradient through unchanged",
-       elementwise=True, scales=True),
+       batches=True, scales=True),
     Op("neg", 1, "-x", neg_forward, neg_backward, same_shape, role="negates the gradient",
-       elementwise=True, scales=True),
-    Op("exp", 1, "e ** x", exp_forward, exp_backward, same_shape, role=_LOCAL, elementwise=True,
+       batches=True, scales=True),
+    Op("exp", 1, "e ** x", exp_forward, exp_backward, same_shape, role=_LOCAL, batches=True,
        scales=True),
     Op("log", 1, "natural logarithm", log_forward, log_backward, same_shape, role=_LOCAL,
-       elementwise=True),
+       batches=True),
     Op("sqrt", 1, "square root", sqrt_forward, sqrt_backward, same_shape, role=_LOCAL,
-       elementwise=True),
+       batches=True),
     Op("square", 1, "x * x", square_forward, square_backward, same_shape, role=_LOCAL,
-       elementwise=True, scales=True),
+       batches=True, scales=True),
     Op("abs", 1, "|x| (abs'(0) = 0)", abs_forward, abs_backward, same_shape, role=_LOCAL,
-       elementwise=True, scales=True),
+       kink="x", batches=True, scales=True),
     Op("reciprocal", 1, "1 / x", reciprocal_forward, reciprocal_backward, same_shape,
-       role=_LOCAL, elementwise=True),
+       role=_LOCAL, batches=True),
     Op("relu", 1, "max(0, x) (relu'(0) = 0)", relu_forward, relu_backward, same_shape,
-       role="relu gate: passes the gradient where x > 0 and blocks it elsewhere", elementwise=True,
-       scales=True),
+       role="relu gate: passes the gradient where x > 0 and blocks it elsewhere", kink="x",
+       batches=True, scales=True),
     Op("leaky_relu", 1, "x if x > 0 else alpha * x", leaky_relu_forward, leaky_relu_backward,
-       same_shape, attrs={"alpha": "number; the slope for x <= 0 (default 0.01)"},
-       role="passes the gradient where x > 0 and scales it by alpha elsewhere", elementwise=True,
-       scales=True),
+       same_shape, attrs={"alpha": Attr(float, "the slope for x <= 0")},
+       role="passes the gradient where x > 0 and scales it by alpha elsewhere", kink="x",
+       batches=True, scales=True),
     Op("sigmoid", 1, "1 / (1 + e^-x), computed stably", sigmoid_forward, sigmoid_backward,
-       same_shape, role="sigmoid gate: scales the gradient by s * (1 - s)", elementwise=True,
+       same_shape, role="sigmoid gate: scales the gradient by s * (1 - s)", batches=True,
        scales=True),
     Op("tanh", 1, "hyperbolic tangent", tanh_forward, tanh_backward, same_shape,
-       role="tanh gate: scales the gradient by 1 - t^2", elementwise=True, scales=True),
+       role="tanh gate: scales the gradient by 1 - t^2", batches=True, scales=True),
     Op("matmul", 2, "matrix product a @ b (NumPy rules)", matmul_forward, matmul_backward,
        matmul_shape, flops=matmul_flops,
        role="matmul gate: da = g @ b.T, db = a.T @ g (each input scaled by the other: swap)",
-       takes_needs=True),
+       takes_needs=True, weighted=True),
     Op("affine", 3, "x @ W + b: x (N, D), W (D, M), b (M,) added to every row (a layer)",
        affine_forward, affine_backward, affine_shape, flops=affine_flops,
        role="affine gate: dx = g @ W.T, dW = x.T @ g, db = g summed over the rows",
-       takes_needs=True),
+       takes_needs=True, weighted=True),
     Op("transpose", 1, "reverses the axes (or permutes them by attrs.axes)", transpose_forward,
        transpose_backward, transpose_shape,
-       attrs={"axes": "list of ints; a permutation of the axes (default: reversed)"},
+       attrs={"axes": Attr(list[int] | None, "a permutation of the axes (default: reversed)")},
        role="transposes the gradient back"),
     Op("sum", 1, "sum over attrs.axis (all axes by default)", sum_forward, sum_backward,
        reduce_shape, attrs={"axis": _AXIS, "keepdims": _KEEPDIMS},
@@ -634,7 +673,6 @@ _TABLE: list[Op] = [
        "loss: mean over rows of sum over wrong classes of max(0, s_j - s_label + 1)",
        svm_hinge_forward, svm_hinge_backward, class_loss_shape,
        role="loss: +1 per violated margin, -count at the label, / N; labels get no gradient"),
-
 ]  # fmt: skip
 
 OPS: dict[str, Op] = {op.name: op for op in _TABLE}
@@ -645,3 +683,4 @@ LEAF_OPS: dict[str, str] = {
     "param": "a learnable variable: gets a gradient and counts in `parameters`",
     "const": "a constant: no gradient",
 }
+MAX_ARITY = max(op.arity for op in _TABLE)

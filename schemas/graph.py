@@ -1,114 +1,92 @@
-"""POST /v1/graph: the request (a tagged union of node shapes) and the response."""
+"""POST /v1/graph: the request (a tagged union of node shapes) and the response.
+
+The node models are made from the engine's op table (`gradiag.engine.ops.OPS`), never listed
+here: the ops without attrs by arity (`UnaryNode`, `BinaryNode`, ...), each op with attrs
+(or ops sharing the same attrs, as sum and mean) with its own model and an attrs model whose
+fields are the table's `Attr`s, with the forward's defaults. A new op row is a new tag.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Discriminator, Field, RootModel, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, create_model
 
+from gradiag.engine.ops import LEAF_OPS as ENGINE_LEAF_OPS
+from gradiag.engine.ops import OPS, Op
 from gradiag.schemas.common import Health, NodeId, Number, Tensor, Thresholds, WireModel
 
-# The op tags per node shape. A test checks these lists against the engine's op table.
-LEAF_OPS = ("input", "param", "const")
-UNARY_OPS = (
-    "identity", "neg", "exp", "log", "sqrt", "square", "abs", "reciprocal", "relu", "sigmoid",
-    "tanh",
-)  # fmt: skip
-BINARY_OPS = ("add", "sub", "mul", "div", "pow", "max", "min", "matmul")
-LOSS_OPS = ("mse", "softmax_cross_entropy", "svm_hinge")
-REDUCE_OPS = ("sum", "mean")
-TERNARY_OPS = ("affine",)
-OTHER_OPS = ("leaky_relu", "transpose")
-ALL_OPS = LEAF_OPS + UNARY_OPS + BINARY_OPS + TERNARY_OPS + LOSS_OPS + REDUCE_OPS + OTHER_OPS
-
-Axis = int | list[int]
+LEAF_OPS = tuple(ENGINE_LEAF_OPS)
+ALL_OPS = LEAF_OPS + tuple(OPS)
+ARITY_WORDS = {1: "Unary", 2: "Binary", 3: "Ternary", 4: "Quaternary", 5: "Quinary"}
 
 
-class LeafNode(WireModel):
-    """`input` (gets a gradient), `param` (gets one and counts as a parameter), `const`."""
+class NodeBase(WireModel):
+    """What every node has: an id and an op (each model narrows `op` to its tags)."""
 
     id: NodeId
+    op: str
+
+
+class LeafNode(NodeBase):
+    """`input` (gets a gradient), `param` (gets one and counts as a parameter), `const`."""
+
     op: Literal["input", "param", "const"]
     value: Tensor
 
 
-class UnaryNode(WireModel):
-    id: NodeId
-    op: Literal[UNARY_OPS]  # type: ignore[valid-type]
-    inputs: Annotated[list[NodeId], Field(min_length=1, max_length=1)]
+class OpAttrs(WireModel):
+    """An op's settings (frozen: the default instance is shared, never copied per node)."""
+
+    model_config = ConfigDict(frozen=True)
 
 
-class BinaryNode(WireModel):
-    """Elementwise ops broadcast as NumPy does; order matters for sub, div, pow, matmul."""
-
-    id: NodeId
-    op: Literal[BINARY_OPS]  # type: ignore[valid-type]
-    inputs: Annotated[list[NodeId], Field(min_length=2, max_length=2)]
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
 
 
-class AffineNode(WireModel):
-    """x (N, D) @ W (D, M) + b (M,): a fully-connected layer as one node (CS231n's affine)."""
-
-    id: NodeId
-    op: Literal[TERNARY_OPS]  # type: ignore[valid-type]
-    inputs: Annotated[list[NodeId], Field(min_length=3, max_length=3)]
-
-
-class LossNode(WireModel):
-    """(scores, targets) -> scalar. Class losses take scores (N, C) and labels (N,)."""
-
-    id: NodeId
-    op: Literal[LOSS_OPS]  # type: ignore[valid-type]
-    inputs: Annotated[list[NodeId], Field(min_length=2, max_length=2)]
+def _attrs_model(name: str, op: Op) -> type[OpAttrs]:
+    defaults = op.attr_defaults()
+    fields: dict[str, Any] = {
+        attr: (spec.kind, Field(defaults[attr], description=spec.doc))
+        for attr, spec in op.attrs.items()
+    }
+    return create_model(name, __base__=OpAttrs, **fields)
 
 
-class ReduceAttrs(WireModel):
-    axis: Axis | None = Field(None, description="the axes to reduce (default: all)")
-    keepdims: bool = False
+def _node_model(ops: list[Op]) -> type[NodeBase]:
+    """The node model of ops with the same arity and attrs."""
+    first, names = ops[0], tuple(op.name for op in ops)
+    stem = "".join(map(_camel, names)) if first.attrs else ARITY_WORDS[first.arity]
+    fields: dict[str, Any] = {
+        "op": (Literal[names], ...),
+        "inputs": (
+            Annotated[list[NodeId], Field(min_length=first.arity, max_length=first.arity)],
+            Field(description="the operand ids, in order"),
+        ),
+    }
+    if first.attrs:
+        attrs = _attrs_model(f"{stem}Attrs", first)
+        fields["attrs"] = (attrs, attrs())
+    meanings = "; ".join(f"`{op.name}`: {op.meaning}" for op in ops)
+    return create_model(f"{stem}Node", __base__=NodeBase, __doc__=meanings, **fields)
 
 
-class ReduceNode(WireModel):
-    id: NodeId
-    op: Literal[REDUCE_OPS]  # type: ignore[valid-type]
-    inputs: Annotated[list[NodeId], Field(min_length=1, max_length=1)]
-    attrs: ReduceAttrs = ReduceAttrs()
+def _op_node_models() -> list[type[NodeBase]]:
+    groups: dict[tuple[Any, ...], list[Op]] = {}
+    for op in OPS.values():
+        key = (op.arity, tuple((name, repr(spec.kind)) for name, spec in op.attrs.items()))
+        groups.setdefault(key, []).append(op)
+    return [_node_model(ops) for ops in groups.values()]
 
 
-class LeakyReluAttrs(WireModel):
-    alpha: float = Field(0.01, description="the slope for x <= 0")
+NODE_MODELS: tuple[type[NodeBase], ...] = (LeafNode, *_op_node_models())
+NODES_WITH_ATTRS = frozenset(m for m in NODE_MODELS if "attrs" in m.model_fields)
 
-
-class LeakyReluNode(WireModel):
-    id: NodeId
-    op: Literal["leaky_relu"]
-    inputs: Annotated[list[NodeId], Field(min_length=1, max_length=1)]
-    attrs: LeakyReluAttrs = LeakyReluAttrs()
-
-
-class TransposeAttrs(WireModel):
-    axes: list[int] | None = Field(
-        None, description="a permutation of the axes (default: reversed)"
-    )
-
-
-class TransposeNode(WireModel):
-    id: NodeId
-    op: Literal["transpose"]
-    inputs: Annotated[list[NodeId], Field(min_length=1, max_length=1)]
-    attrs: TransposeAttrs = TransposeAttrs()
-
-
-Node = Annotated[
-    LeafNode
-    | UnaryNode
-    | BinaryNode
-    | AffineNode
-    | LossNode
-    | ReduceNode
-    | LeakyReluNode
-    | TransposeNode,
-    Field(discriminator="op"),
-]
+if TYPE_CHECKING:
+    Node = NodeBase
+else:
+    Node = Annotated[Union[NODE_MODELS], Field(discriminator="op")]  # noqa: UP007
 
 
 class GradcheckOptions(WireModel):
@@ -175,13 +153,25 @@ class ExpressionRequest(WireModel):
     report: Layout = "nodes"
 
 
-class ColumnAttrs(WireModel):
-    """An op's settings on a columns row: the same names as the nodes form's `attrs`."""
+def _column_attrs() -> type[WireModel]:
+    """Every attr of every op, optional: the attrs of a columns row (its op's only)."""
+    fields: dict[str, Any] = {}
+    for op in OPS.values():
+        for name, spec in op.attrs.items():
+            kind = spec.kind if name not in fields else fields[name][0] | spec.kind
+            fields[name] = (kind | None, Field(None, description=f"{op.name}: {spec.doc}"))
+    return create_model(
+        "ColumnAttrs",
+        __base__=WireModel,
+        __doc__="An op's settings on a columns row: the same names as the nodes form's `attrs`.",
+        **fields,
+    )
 
-    alpha: float | None = Field(None, description="leaky_relu: the slope for x <= 0")
-    axis: Axis | None = Field(None, description="sum, mean: the axes to reduce")
-    keepdims: bool | None = None
-    axes: list[int] | None = Field(None, description="transpose: a permutation of the axes")
+
+if TYPE_CHECKING:
+    ColumnAttrs = WireModel
+else:
+    ColumnAttrs = _column_attrs()
 
 
 # --- packed columns: a binary array in base64 inside the JSON (as Plotly's typed arrays) ---
@@ -326,14 +316,17 @@ class NodeReport(BaseModel):
     shape: list[int]
     value: Tensor
     grad: Tensor | None = Field(None, description="d(output)/d(node); absent for const nodes")
-    role: str = Field(description="how the op routes gradient (CS231n's gate words); leaf")
+    role: str | None = Field(
+        None, description="with `explain`: how the op routes gradient (CS231n's gate words)"
+    )
     inputs: list[str] | None = Field(
-        None, description="the operand ids, in order (absent for leaves): the graph's edges"
+        None,
+        description="with `explain`: the operand ids, in order (absent for leaves): the edges",
     )
     local_grad: dict[str, Number] | None = Field(
         None,
-        description="scalar nodes: d(node)/d(operand) by operand id (an operand used twice "
-        "gets the sum)",
+        description="with `explain`, scalar nodes: d(node)/d(operand) by operand id (an "
+        "operand used twice gets the sum)",
     )
 
 

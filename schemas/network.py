@@ -93,6 +93,11 @@ class NetworkRequest(WireModel):
     include: list[Literal["gradients"]] = Field(
         default_factory=list, description='"gradients": add `nodes`, as in /v1/graph'
     )
+    explain: bool = Field(
+        False,
+        description='with `include: ["gradients"]`: each node also has `role`, `inputs` and '
+        "`local_grad`, as /v1/graph's `explain`",
+    )
     dtype: Literal["float64", "float32"] = "float64"
     thresholds: Thresholds = Thresholds()
 

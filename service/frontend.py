@@ -1,43 +1,42 @@
-"""The front ends of POST /v1/graph: a validated wire body becomes an engine program (graph
-JSON node by node through `NodeSpec`s, an expression through `engine.expression`, a table
-through `engine.columns`), and `diagnose` runs it: forward, backward, diagnostics, and the
-gradient check when asked.
-
-A big all-scalar graph JSON in topological order (micrograd style) is also a table: it goes
-through `engine.columns` too (`scalar_nodes_program`), without a `NodeSpec` or a 0-d array
-per node, and gives the program `compile_graph` would give."""
+"""The front ends of POST /v1/graph: a validated wire body becomes an engine program (the
+graph JSON as a `Table`, an expression through `engine.expression`, a table through
+`engine.columns`), all compiled by the one compiler, and `diagnose` runs it: forward,
+backward, diagnostics, and the gradient check when asked."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
 from gradiag.engine import (
-    LEAF_OPS,
-    OPS,
-    EngineError,
     GraphDiagnostics,
     Limits,
-    NodeSpec,
     Program,
     Result,
+    Table,
     Thresholds,
     compile_graph,
+    compile_table,
     graph_diagnostics,
     run,
 )
-from gradiag.engine import graph as engine_graph
-from gradiag.engine.columns import RowLocs, compile_columns
+from gradiag.engine.columns import compile_columns
+from gradiag.engine.compiler import RowLocs
 from gradiag.engine.expression import parse_expression
 from gradiag.engine.gradcheck import GradcheckOptions, GradcheckResult, evaluation_budget, gradcheck
 from gradiag.engine.ops import Array
+from gradiag.engine.plan import first_seen_codes
 from gradiag.engine.tensors import to_array
 from gradiag.schemas.common import Thresholds as WireThresholds
-from gradiag.schemas.graph import ColumnsRequest, ExpressionRequest, GraphRequest, LeafNode, Node
+from gradiag.schemas.graph import (
+    NODES_WITH_ATTRS,
+    ColumnsRequest,
+    ExpressionRequest,
+    GraphRequest,
+)
 from gradiag.schemas.graph import GradcheckOptions as WireGradcheckOptions
 from gradiag.service.config import Settings
 from gradiag.service.packed import check_encoding, table_columns
@@ -56,24 +55,6 @@ def engine_limits(settings: Settings) -> Limits:
     )
 
 
-NODES_WITH_ATTRS = frozenset(
-    cls for cls in get_args(get_args(Node)[0]) if "attrs" in cls.model_fields
-)
-
-
-def graph_nodes(request: GraphRequest) -> list[NodeSpec]:
-    specs = []
-    for k, node in enumerate(request.nodes):
-        loc = ("nodes", k)
-        if isinstance(node, LeafNode):
-            value = to_array(node.value, (*loc, "value"), node=node.id)
-            specs.append(NodeSpec(node.id, node.op, value=value, loc=loc))
-        else:
-            attrs = node_attrs(node)
-            specs.append(NodeSpec(node.id, node.op, tuple(node.inputs), attrs, loc=loc))
-    return specs
-
-
 def node_attrs(node: Any) -> dict[str, Any]:
     """A node's settings as the engine takes them: only those off their default."""
     # a class lookup, not hasattr: a missing attribute costs Pydantic an exception
@@ -83,77 +64,33 @@ def node_attrs(node: Any) -> dict[str, Any]:
     return {}
 
 
-def graph_program(request: GraphRequest, limits: Limits) -> Program:
-    """A nodes body's program: through the table when `scalar_nodes_program` takes the body,
-    else node by node through `compile_graph`."""
-    program = scalar_nodes_program(request, limits)
-    if program is None:
-        program = compile_graph(graph_nodes(request), request.output, limits=limits)
-    return program
-
-
-# the most operands an elementwise op takes: the operand columns of an all-elementwise table
-ELEMENTWISE_ARITY = max(op.arity for op in OPS.values() if op.elementwise)
-
-
-def scalar_nodes_program(request: GraphRequest, limits: Limits) -> Program | None:
-    """A big graph of one-number leaves and elementwise ops, in topological request order, as
-    `engine.columns` compiles a table: whole-column checks, no `NodeSpec` or 0-d array per
-    node. The same program as `compile_graph`'s (ids, request order, output, leaf values,
-    `("nodes", k)` locs, level plan). None for any other body, and whenever the table route
-    refuses it (unknown or duplicate id, not topological, a limit): the per-node route then
-    answers, so an error is the same whichever route a body looked fit for."""
+def nodes_table(request: GraphRequest) -> Table:
+    """A nodes body as the compiler's table, a column at a time (C-level maps over the
+    nodes): a 100k-node scalar graph makes no object per node here. Tensor leaves become
+    arrays (a ragged list is a 422 at its value)."""
     nodes = request.nodes
-    # read at call time: a test forcing the per-node walk patches engine.graph's constant
-    if len(nodes) < engine_graph.BATCH_MIN_NODES:
-        return None
-    ops = [node.op for node in nodes]
-    if not all(op in LEAF_OPS or OPS[op].elementwise for op in set(ops)):
-        return None
-    values = [node.value if type(node) is LeafNode else None for node in nodes]
-    if list in set(map(type, values)):  # a tensor leaf
-        return None
-    ids = [node.id for node in nodes]
-    inputs = _operand_rows(nodes, ids)
-    if inputs is None or not _in_topological_order(inputs):
-        return None
+    names, codes = first_seen_codes([node.op for node in nodes])
+    values: list[Any] = [getattr(node, "value", 0.0) for node in nodes]
+    kinds = set(map(type, values))
+    tensors: dict[int, Array] = {}
+    if list in kinds:
+        for row, value in enumerate(values):
+            if type(value) is list:
+                tensors[row] = to_array(value, ("nodes", row, "value"), node=nodes[row].id)
+                values[row] = 0.0
+    if str in kinds:  # "NaN", "Infinity", "-Infinity": Python's float reads them
+        values = [float(v) if type(v) is str else v for v in values]
     with_attrs = not NODES_WITH_ATTRS.isdisjoint(set(map(type, nodes)))
-    try:
-        return compile_columns(
-            ops,
-            inputs,
-            values,
-            output=request.output,
-            ids=ids,
-            attrs=[node_attrs(node) for node in nodes] if with_attrs else None,
-            limits=limits,
-            locs=RowLocs(len(nodes), ("nodes",)),
-        )
-    except EngineError:
-        return None
-
-
-def _operand_rows(nodes: list[Node], ids: list[str]) -> list[Array] | None:
-    """`inputs[k][i]`: the row of node i's k-th operand (-1: none), or None when an input
-    names no node. A duplicated id maps to one of its rows; compile_columns refuses it.
-    Every input id is looked up in one C-level map; NumPy spreads them into columns."""
-    row = dict(zip(ids, range(len(ids)), strict=True))
-    operands = [node.inputs if not isinstance(node, LeafNode) else () for node in nodes]
-    arity = np.fromiter(map(len, operands), np.intp, len(operands))
-    try:
-        named = np.fromiter(map(row.__getitem__, chain.from_iterable(operands)), np.intp)
-    except KeyError:
-        return None
-    flat = np.append(named, -1)  # the -1 a missing operand reads
-    starts = np.cumsum(arity) - arity
-    return [flat[np.where(arity > k, starts + k, flat.size - 1)] for k in range(ELEMENTWISE_ARITY)]
-
-
-def _in_topological_order(inputs: list[Array]) -> bool:
-    """Every operand's row before its user's. Otherwise compile_graph sorts the nodes; the
-    table route would only refuse them, after some work."""
-    rows = np.arange(inputs[0].size)
-    return not any((column >= rows).any() for column in inputs)
+    return Table(
+        names=names,
+        codes=codes,
+        scalars=np.fromiter(values, np.float64, len(values)),
+        tensors=tensors,
+        locs=RowLocs(("nodes",)),
+        references=[getattr(node, "inputs", ()) for node in nodes],
+        ids=[node.id for node in nodes],
+        attrs=[node_attrs(node) for node in nodes] if with_attrs else None,
+    )
 
 
 def engine_thresholds(wire: WireThresholds) -> Thresholds:
@@ -182,10 +119,10 @@ GraphBodies = GraphRequest | ExpressionRequest | ColumnsRequest
 
 
 def body_program(body: GraphBodies, limits: Limits, *, max_expression_chars: int) -> Program:
-    """The body's front end: the graph's nodes or the parsed expression through
-    `compile_graph`, or the table (packed columns decoded) through `compile_columns`."""
+    """The body's front end, then the one compiler: the graph's nodes as a table, the table
+    (packed columns decoded), or the parsed expression's nodes."""
     if isinstance(body, GraphRequest):
-        return graph_program(body, limits)
+        return compile_table(nodes_table(body), body.output, limits=limits)
     if isinstance(body, ColumnsRequest):
         check_encoding(body)
         table = body.columns

@@ -7,10 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from flask import current_app, g
 
-from gradiag.engine import EngineError, LimitError, Result, compile_graph, run
+from gradiag.engine import EngineError, LimitError, Result, run
 from gradiag.engine.network import (
     Batch,
     Init,
@@ -22,10 +21,10 @@ from gradiag.engine.network import (
     RandomBatch,
     Weights,
     check_network,
-    check_network_limits,
-    lower,
+    compile_network,
+    leaf_values,
     network_diagnostics,
-    unread_gradients,
+    with_leaves,
 )
 from gradiag.engine.tensors import to_array, to_wire
 from gradiag.schemas.network import NetworkRequest
@@ -84,17 +83,12 @@ class DiagnosedNetwork:
 def diagnose_network(
     request: NetworkRequest, limits: NetworkLimits, deadline: float | None = None
 ) -> DiagnosedNetwork:
-    """Check, check the limits (nothing drawn yet), lower, run once, read the health."""
+    """Check, compile (the limits: nothing drawn yet), draw the leaves, run once, read the
+    health."""
     spec = network_spec(request)
     check_network(spec)
-    check_network_limits(spec, limits)
-    nodes, output = lower(spec)
-    # X's gradient is a matmul as big as layer 1's: computed only when the report returns it
-    no_grad = unread_gradients(gradients="gradients" in request.include)
-    program = compile_graph(
-        nodes, output, limits=limits.graph, dtype=np.dtype(spec.dtype), no_grad=no_grad
-    )
-    result = run(program, deadline=deadline)
+    program = compile_network(spec, limits, gradients="gradients" in request.include)
+    result = run(with_leaves(program, leaf_values(spec)), deadline=deadline)
     diagnostics = network_diagnostics(result, spec, engine_thresholds(request.thresholds))
     return DiagnosedNetwork(spec, result, diagnostics)
 
@@ -108,7 +102,7 @@ def network_report_of_request() -> dict[str, Any]:
     except EngineError as err:
         raise network_problem(err) from None
     g.report_summary = report_summary(done)
-    return network_report(done, gradients="gradients" in request.include)
+    return network_report(done, gradients="gradients" in request.include, explain=request.explain)
 
 
 def network_problem(err: EngineError) -> ProblemError:
@@ -118,7 +112,9 @@ def network_problem(err: EngineError) -> ProblemError:
     return problem
 
 
-def network_report(done: DiagnosedNetwork, *, gradients: bool) -> dict[str, Any]:
+def network_report(
+    done: DiagnosedNetwork, *, gradients: bool, explain: bool = False
+) -> dict[str, Any]:
     d = done.diagnostics
     report: dict[str, Any] = {
         "name": d.name,
@@ -140,7 +136,7 @@ def network_report(done: DiagnosedNetwork, *, gradients: bool) -> dict[str, Any]
         "health": health(d.findings, d.status),
     }
     if gradients:
-        report["nodes"] = node_reports(done.result)
+        report["nodes"] = node_reports(done.result, explain=explain)
     return report
 
 

@@ -52,7 +52,7 @@ def b64decode(text: str) -> bytes:
 
 def table_columns(
     table: GraphColumns,
-) -> tuple[Sequence[str], list[Sequence[int] | Array], Sequence[Any] | Array]:
+) -> tuple[Sequence[str] | CodedOps, list[Sequence[int] | Array], Sequence[Any] | Array]:
     """The op, inputs and value columns as `compile_columns` takes them: lists as they came,
     packed ones decoded (the engine checks their lengths and cells as it does the lists')."""
     inputs = [_column(row, ("columns", "inputs", k)) for k, row in enumerate(table.inputs)]
@@ -63,7 +63,7 @@ def _column(column: Any, loc: Loc) -> Any:
     return unpack(column, loc) if isinstance(column, PackedArray) else column
 
 
-def _op_column(ops: Sequence[str] | PackedOps) -> Sequence[str]:
+def _op_column(ops: Sequence[str] | PackedOps) -> Sequence[str] | CodedOps:
     if not isinstance(ops, PackedOps):
         return ops
     codes = _column(ops.codes, ("columns", "op", "codes"))

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from gradiag.engine import OPS, GraphDiagnostics, Program, Result
+from gradiag.engine import OPS, GraphDiagnostics, Result
 from gradiag.engine.diagnostics import Finding, GateStats
+from gradiag.engine.executor import Slots
 from gradiag.engine.explain import explain_leaves, local_grads
 from gradiag.engine.gradcheck import GradcheckResult
-from gradiag.engine.graph import OperandRows, ScalarColumn, batch_plan, op_rows
 from gradiag.engine.tensors import to_wire
 from gradiag.service.packed import pack_floats
 
@@ -28,30 +27,36 @@ def health(findings: list[Finding], status: str) -> dict[str, Any]:
     }
 
 
-def node_reports(result: Result) -> dict[str, dict[str, Any]]:
+_ABSENT = object()  # a row without a gradient: no `grad` key (None would be `null`)
+
+
+def node_reports(result: Result, *, explain: bool = False) -> dict[str, dict[str, Any]]:
     """Every node keyed by id, in the program's order: `op`, `shape`, `value`, `grad` (not
-    for a const or a `no_grad` leaf), `role`, `inputs` (op nodes), `local_grad` (scalar op
-    nodes). Each field is first made for all rows at once (NumPy, C-level maps), then one
-    dict per node: per-row lookups were most of a 100k-node graph's report time."""
+    for a const or a `no_grad` node); with `explain`, also `role`, `inputs` (op nodes) and
+    `local_grad` (scalar op nodes). Each field is made for all rows at once (NumPy, C-level
+    maps), then one dict per node."""
     program = result.program
-    ids = list(program.ids)  # a columns body's `RowIds` would make each id per lookup
-    grads = _wire_rows(result.grads, program.shapes, result.flat_grads)
-    for i in _gradless_rows(result):
-        grads[i] = _ABSENT
-    roles = {op: OPS[op].role if op in OPS else "leaf" for op in set(program.ops)}
-    rows = zip(
+    ids = program.node_ids()
+    ops = program.ops()
+    columns = [
         ids,
-        program.ops,
+        ops,
         [list(shape) for shape in program.shapes],
-        _wire_rows(result.values, program.shapes, result.flat_values),
-        grads,
-        map(roles.__getitem__, program.ops),
-        _input_ids(program, ids),
-        _local_grad_rows(result),
-        strict=True,
-    )
-    nodes: dict[str, dict[str, Any]] = {}
-    for node_id, op, shape, value, grad, role, inputs, local in rows:
+        _wire_rows(result, result.values),
+        _wire_rows(result, result.grads, gradients=True),
+    ]
+    if not explain:
+        nodes: dict[str, dict[str, Any]] = {}
+        for node_id, op, shape, value, grad in zip(*columns, strict=True):
+            report = {"op": op, "shape": shape, "value": value}
+            if grad is not _ABSENT:
+                report["grad"] = grad
+            nodes[node_id] = report
+        return nodes
+    roles = {op: OPS[op].role if op in OPS else "leaf" for op in program.names}
+    columns += [map(roles.__getitem__, ops), _input_ids(result, ids), _local_grad_rows(result)]
+    nodes = {}
+    for node_id, op, shape, value, grad, role, inputs, local in zip(*columns, strict=True):
         report = {"op": op, "shape": shape, "value": value}
         if grad is not _ABSENT:
             report["grad"] = grad
@@ -64,50 +69,44 @@ def node_reports(result: Result) -> dict[str, dict[str, Any]]:
     return nodes
 
 
-_ABSENT = object()  # a row without a gradient: no `grad` key (None would be `null`)
-
-
-def _wire_rows(
-    arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]], flat: np.ndarray | None
-) -> list[Any]:
-    """Every row's array as wire numbers (None stays None): one NumPy call for scalar
-    graphs, `to_wire` per row for tensors. A fresh list the caller may change."""
-    wire = _scalars_wire(arrays, shapes, flat)
-    if wire is None:
-        wire = [None if a is None else to_wire(a) for a in arrays]
+def _wire_rows(result: Result, slots: Slots, *, gradients: bool = False) -> list[Any]:
+    """Every row's value (or gradient) as wire numbers: the scalar rows in one NumPy call
+    (only non-finite ones looked at again), each tensor row by `to_wire`. With `gradients`,
+    a row without one is `_ABSENT` and an unreached tensor row is zeros."""
+    program = result.program
+    flat = slots.scalars()
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size > 64:  # many: NumPy puts the strings in
+        wire: list[Any] = to_wire(flat)
+    else:
+        wire = flat.tolist()
+        for i in bad.tolist():
+            wire[i] = to_wire(wire[i])
+    for i in result.values.tensors:  # every tensor row has a value; an unreached one no grad
+        tensor = slots.tensors.get(i)
+        wire[i] = to_wire(np.zeros(program.shapes[i]) if tensor is None else tensor)
+    if gradients:
+        for i in _gradless_rows(result):
+            wire[i] = _ABSENT
     return wire
 
 
-def _gradless_rows(result: Result) -> Collection[int]:
-    """The rows whose gradient is None: a batched run's column knows them (its consts)."""
-    if isinstance(result.grads, ScalarColumn):
-        return result.grads.missing
-    return [i for i, grad in enumerate(result.grads) if grad is None]
+def _gradless_rows(result: Result) -> list[int]:
+    program = result.program
+    return sorted({*program.rows_of("const").tolist(), *program.no_grad})
 
 
-def _input_ids(program: Program, ids: list[str]) -> list[list[str] | None]:
-    """Each row's operand ids, in order (None for a leaf). A table's `OperandRows` or a
-    batched run's plan hold them as operand columns: read those, the rows of each arity
-    at once with C-level maps, rather than a tuple per row."""
-    columns = _operand_columns(program)
-    if columns is None:
-        return [list(map(ids.__getitem__, ins)) if ins else None for ins in program.operands]
-    arity = (np.asarray(columns) >= 0).sum(axis=0)  # operands fill the first positions
+def _input_ids(result: Result, ids: list[str]) -> list[list[str] | None]:
+    """Each row's operand ids, in order (None for a leaf), read off the operand columns:
+    the rows of each arity at once, with C-level maps, rather than a tuple per row."""
+    program = result.program
     inputs: list[list[str] | None] = [None] * len(ids)
-    for k in range(1, len(columns) + 1):
-        rows = np.flatnonzero(arity == k)
-        named = [map(ids.__getitem__, column[rows].tolist()) for column in columns[:k]]
+    for k in range(1, int(program.arity.max(initial=0)) + 1):
+        rows = np.flatnonzero(program.arity == k)
+        named = [map(ids.__getitem__, program.operands[j, rows].tolist()) for j in range(k)]
         for i, names in zip(rows.tolist(), map(list, zip(*named, strict=True)), strict=True):
             inputs[i] = names
     return inputs
-
-
-def _operand_columns(program: Program) -> list[np.ndarray] | None:
-    """`columns[k][i]`: row i's k-th operand (-1: none), when the program has them."""
-    if isinstance(program.operands, OperandRows):
-        return list(program.operands.columns)
-    plan = batch_plan(program)  # built by the run already; its ops take at most 2 operands
-    return None if plan is None else list(plan.edges)
 
 
 def _local_grad_rows(result: Result) -> list[dict[str, Any] | None]:
@@ -142,80 +141,28 @@ def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[s
     """Every node as columns, row i for node i in the program's order (a columns body's own
     row order): `value`, `grad` (null for consts), `id` when asked, `shape` when a node is a
     tensor. A 100k-node scalar graph is two lists of floats, not 100k objects; `packed`:
-    two base64 strings (float64, a const's gradient NaN)."""
+    two base64 strings (float64, a const's gradient NaN; a columns body holds scalars
+    only)."""
     program = result.program
     report: dict[str, Any] = {}
     if ids:
-        report["id"] = list(program.ids)
-    const_rows = op_rows(program).get("const", np.empty(0, np.intp)).tolist()
+        report["id"] = program.node_ids()
+    gradless = _gradless_rows(result)
     if packed:
-        report["value"], report["grad"] = _packed_columns(result, const_rows)
+        grads = result.grads.scalars()
+        if gradless:
+            grads[gradless] = np.nan  # no null in a float array (`scalars()` is a copy)
+        report["value"] = pack_floats(result.values.scalars())
+        report["grad"] = pack_floats(grads)
         return report
     if any(program.shapes):  # tensors: one nested list per node (a shape () is falsy)
         report["shape"] = [list(shape) for shape in program.shapes]
-    values = _wire_rows(result.values, program.shapes, result.flat_values)
-    grads = _wire_rows(result.grads, program.shapes, result.flat_grads)
-    for i in const_rows:
-        grads[i] = None
-    report["value"] = values
-    report["grad"] = grads
+    report["value"] = _wire_rows(result, result.values)
+    grads_wire = _wire_rows(result, result.grads)
+    for i in gradless:
+        grads_wire[i] = None
+    report["grad"] = grads_wire
     return report
-
-
-def _packed_columns(result: Result, const_rows: Sequence[int]) -> tuple[Any, Any]:
-    """The value and grad columns packed. Only a columns body asks, and its nodes are
-    scalars (engine.columns refuses anything else), so both flat arrays always exist."""
-    shapes = result.program.shapes
-    values = _scalars_flat(result.values, shapes, result.flat_values)
-    grads = _scalars_flat(result.grads, shapes, result.flat_grads)
-    if values is None or grads is None:
-        raise ValueError("a packed answer holds scalar nodes only")
-    if len(const_rows):
-        grads = grads.copy()  # the run's own array stays as it is
-        grads[np.asarray(const_rows, np.intp)] = np.nan  # no null in a float array
-    return pack_floats(values), pack_floats(grads)
-
-
-def _scalars_flat(
-    arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]], flat: np.ndarray | None = None
-) -> np.ndarray | None:
-    """Scalar graphs: every value as one float64 array (the run's `flat` array when it kept
-    one; a const's missing gradient is a NaN). None when a node is a tensor."""
-    if flat is not None:
-        return flat
-    if any(shapes):  # a shape () is falsy: all scalars
-        return None
-    return np.array([np.nan if a is None else a for a in arrays], dtype=np.float64)
-
-
-def _scalars_wire(
-    arrays: Sequence[Any], shapes: Sequence[tuple[int, ...]], flat: np.ndarray | None = None
-) -> list[Any] | None:
-    """Every scalar as a wire number (a const's missing gradient is a NaN nobody reads), or
-    None when a node is a tensor: then `to_wire` each. A batched run's flat array in one
-    NumPy call; a per-node run's 0-d arrays as Python floats (the same float64 numbers,
-    without three NumPy calls: such a graph is small or runs node by node anyway)."""
-    if flat is None:
-        if any(shapes):  # a shape () is falsy: all scalars
-            return None
-        return _wire_numbers([math.nan if a is None else float(a) for a in arrays])
-    bad = np.flatnonzero(~np.isfinite(flat))
-    if bad.size > 64:  # many: NumPy puts the strings in (a const's NaN stays unused)
-        wired: list[Any] = to_wire(flat)
-        return wired
-    wire: list[Any] = flat.tolist()
-    for i in bad.tolist():
-        wire[i] = to_wire(wire[i])
-    return wire
-
-
-def _wire_numbers(numbers: list[Any]) -> list[Any]:
-    """Python floats as wire numbers, in place: a non-finite one becomes its string."""
-    if not all(map(math.isfinite, numbers)):  # a C-level pass; usually all are finite
-        for i, x in enumerate(numbers):
-            if not math.isfinite(x):
-                numbers[i] = to_wire(x)
-    return numbers
 
 
 def graph_report(
@@ -235,14 +182,14 @@ def graph_report(
     relu, sigmoid, tanh = diagnostics.relu, diagnostics.sigmoid, diagnostics.tanh
     report: dict[str, Any] = {
         "output": {
-            "id": program.ids[out],
-            "value": to_wire(result.values[out]),
+            "id": program.node_id(out),
+            "value": to_wire(result.value(out)),
             "shape": list(program.shapes[out]),
         },
         **(
             {"columns": columns_report(result, ids=column_ids, packed=encoding == "packed")}
             if layout == "columns"
-            else {"nodes": node_reports(result)}
+            else {"nodes": node_reports(result, explain=explain)}
         ),
         "parameters": {
             "tensors": diagnostics.parameter_tensors,

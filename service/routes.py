@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import numpy as np
 import orjson
@@ -19,6 +19,7 @@ from gradiag.engine import (
     compile_graph,
     run,
 )
+from gradiag.engine.ops import Attr
 from gradiag.schemas.graph import ColumnsRequest, GraphBody
 from gradiag.service.body import parse_body
 from gradiag.service.errors import engine_problem
@@ -40,10 +41,10 @@ def svg_response(svg: str) -> Response:
     return Response(svg, mimetype="image/svg+xml")
 
 
-def graph_report_of_request(*, layout: str | None = None) -> dict[str, Any]:
+def graph_report_of_request(*, picture: bool = False) -> dict[str, Any]:
     """The /v1/graph report of this request's body, for the JSON and the SVG views alike
-    (`layout` overrides the body's `report`: the picture needs `nodes`). A graph (`nodes`),
-    an expression (`expression`) or a table (`columns`); service.frontend tells them apart."""
+    (the `picture` needs `nodes` with their edges: `explain`). A graph (`nodes`), an
+    expression (`expression`) or a table (`columns`); service.frontend tells them apart."""
     parsed = parse_body(GraphBody, first=(b'"columns"', ColumnsRequest))
     body = parsed.root if isinstance(parsed, GraphBody) else parsed
     settings = current_app.config["GRADIAG"]
@@ -56,13 +57,13 @@ def graph_report_of_request(*, layout: str | None = None) -> dict[str, Any]:
         )
     except EngineError as err:
         raise engine_problem(err) from None
-    g.report_summary = ReportSummary.of_graph(len(done.result.program.ids), done.diagnostics)
+    g.report_summary = ReportSummary.of_graph(len(done.result.program), done.diagnostics)
     return graph_report(
         done.result,
         done.diagnostics,
         gradcheck=done.gradcheck,
-        explain=done.explain,
-        layout=layout or body.report,
+        explain=done.explain or picture,
+        layout="nodes" if picture else body.report,
         column_ids=not isinstance(body, ColumnsRequest) or body.columns.id is not None,
         encoding=body.encoding if isinstance(body, ColumnsRequest) else "lists",
     )
@@ -92,7 +93,7 @@ def post_graph() -> Response:
 def post_graph_svg() -> Response:
     """The same body and errors as POST /v1/graph; the answer is the picture."""
     with paused_gc():
-        return svg_response(graph_svg(graph_report_of_request(layout="nodes")))
+        return svg_response(graph_svg(graph_report_of_request(picture=True)))
 
 
 @api.post("/v1/network")
@@ -120,13 +121,37 @@ def list_ops() -> Response:
         {
             "name": op.name,
             "arity": op.arity,
-            "attrs": dict(op.attrs),
+            "attrs": {
+                name: attr_words(attr, default)
+                for (name, attr), default in zip(
+                    op.attrs.items(), op.attr_defaults().values(), strict=True
+                )
+            },
             "meaning": op.meaning,
             "role": op.role,
         }
         for op in OPS.values()
     ]
     return json_response({"ops": leaves + ops})
+
+
+def attr_words(attr: Attr, default: Any) -> str:
+    """ "number; the slope for x <= 0 (default 0.01)": an attr's type, meaning and default."""
+    shown = "" if default is None else f" (default {orjson.dumps(default).decode()})"
+    return f"{type_words(attr.kind)}; {attr.doc}{shown}"
+
+
+def type_words(kind: Any) -> str:
+    """An attr's wire type in words: `int | list[int] | None` is "int or list of ints"."""
+    words = {float: "number", int: "int", bool: "bool", str: "string"}
+    if kind in words:
+        return words[kind]
+    args = get_args(kind)
+    if get_origin(kind) is list:
+        return f"list of {type_words(args[0])}s"
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(str, args))
+    return " or ".join(type_words(arg) for arg in args if arg is not type(None))
 
 
 @probes.get("/healthz")

@@ -25,8 +25,10 @@ FINDINGS_BODY = {
 
 def pinned(name: str) -> dict[str, Any]:
     """A pinned answer, tests/answers/<name>.json (JSON keeps the key order and every float
-    exactly, so orjson writes it back byte for byte as the service does)."""
-    answer: dict[str, Any] = json.loads((ANSWERS / name).with_suffix(".json").read_text())
+    exactly, so orjson writes it back byte for byte as the service does). The default node
+    entry is lean (op, shape, value, grad); the `.explain` answers add each node's role,
+    inputs and local_grad, and the explanation."""
+    answer: dict[str, Any] = json.loads((ANSWERS / f"{name}.json").read_text())
     return answer
 
 
@@ -34,14 +36,26 @@ def example(name: str) -> Any:
     return json.loads((EXAMPLES / name).read_text())
 
 
+def explained(body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "explain": True}
+
+
 @pytest.mark.parametrize(
     ("body", "answer"),
     [
         (example("cs231n-sigmoid.expression.json"), pinned("cs231n-sigmoid")),
+        (explained(example("cs231n-sigmoid.expression.json")), pinned("cs231n-sigmoid.explain")),
         (example("cs231n.graph.json"), pinned("cs231n-example1")),
+        (explained(example("cs231n.graph.json")), pinned("cs231n-example1.explain")),
         (FINDINGS_BODY, pinned("every-finding")),
     ],
-    ids=["cs231n-sigmoid", "cs231n-example1", "every-finding"],
+    ids=[
+        "cs231n-sigmoid",
+        "cs231n-sigmoid-explain",
+        "cs231n-example1",
+        "cs231n-example1-explain",
+        "every-finding",
+    ],
 )
 def test_the_answer_is_pinned_byte_for_byte(
     client: FlaskClient, body: Any, answer: dict[str, Any]

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flask.testing import FlaskClient
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from reference import reference_run
 from werkzeug.test import TestResponse
 
-from gradiag.engine import columns as engine_columns
-from gradiag.engine import graph
+from gradiag.engine import run
 from gradiag.engine.columns import compile_columns
-from gradiag.engine.graph import batch_plan
 from gradiag.schemas.graph import GraphResponse
 from gradiag.service import create_app
 from gradiag.service.cli import main
@@ -167,28 +165,6 @@ def finding_keys(answer: dict[str, Any]) -> list[tuple[str, str, str]]:
     )
 
 
-def force_per_node(m: pytest.MonkeyPatch) -> None:
-    """The per-node walk. engine.columns imports BATCH_MIN_NODES by name and attaches the
-    level plan itself, so patching engine.graph's constant alone does not reach a table."""
-    m.setattr(graph, "BATCH_MIN_NODES", 10**9)
-    m.setattr(engine_columns, "BATCH_MIN_NODES", 10**9)
-
-
-@contextmanager
-def batched_runs() -> Iterator[list[int]]:
-    """Count the level-batched forwards run inside the block."""
-    calls: list[int] = []
-    real = graph._forward_batched
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(graph, "_forward_batched", spy)
-        yield calls
-
-
 # --- 1. the CS231n circuits over HTTP ----------------------------------------------------
 
 
@@ -254,17 +230,16 @@ def test_output_grad_scales_every_gradient(client: FlaskClient) -> None:
 def test_report_nodes_is_the_nodes_body_answer(client: FlaskClient) -> None:
     """The whole answer (nodes map with roles, inputs and local gradients; diagnostics;
     health) is the nodes body's."""
-    columns_answer = ok(
-        post(client, {"columns": table(id=CIRCUIT_IDS), "output": "f", "report": "nodes"})
-    )
-    nodes_answer = ok(post(client, CIRCUIT_NODES))
+    body = {"columns": table(id=CIRCUIT_IDS), "output": "f", "report": "nodes", "explain": True}
+    columns_answer = ok(post(client, body))
+    nodes_answer = ok(post(client, {**CIRCUIT_NODES, "explain": True}))
     assert "columns" not in columns_answer
     assert columns_answer == nodes_answer
     assert nodes_answer["nodes"]["f"]["local_grad"] == {"q": -4.0, "z": 3.0}
 
 
 def test_report_nodes_without_ids_keys_the_rows(client: FlaskClient) -> None:
-    answer = ok(post(client, {"columns": CIRCUIT, "report": "nodes"}))
+    answer = ok(post(client, {"columns": CIRCUIT, "report": "nodes", "explain": True}))
     assert list(answer["nodes"]) == ["0", "1", "2", "3", "4"]
     assert answer["nodes"]["4"]["inputs"] == ["3", "2"]
     assert [n["grad"] for n in answer["nodes"].values()] == CIRCUIT_GRADS
@@ -445,37 +420,25 @@ def test_random_table_matches_the_nodes_body(
 
 
 @pytest.mark.parametrize(("seed", "n", "safe", "thresholds"), DAGS)
-def test_random_table_batched_equals_per_node(
-    client: FlaskClient, seed: int, n: int, safe: bool, thresholds: dict[str, float]
+def test_random_table_matches_the_reference_walk(
+    seed: int, n: int, safe: bool, thresholds: dict[str, float]
 ) -> None:
+    """Every op row of a table is a batched scalar node; the executor's values are the
+    textbook walk's (tests/reference.py) bit for bit, its gradients up to fan-in order."""
     columns, output, _ = random_table(seed, n, safe=safe)
-    body = {"columns": columns, "output": output, "thresholds": thresholds}
-    with batched_runs() as calls:
-        batched = ok(post(client, body))
-    assert calls, "a table of >= 256 elementwise rows runs level batched"
-    with pytest.MonkeyPatch.context() as m, batched_runs() as calls:
-        force_per_node(m)
-        per_node = ok(post(client, body))
-    assert not calls
-    assert batched["columns"]["value"] == per_node["columns"]["value"]
-    assert_close(batched["columns"]["grad"], per_node["columns"]["grad"])
-    for key in ("output", "parameters", "diagnostics", "health"):
-        assert batched[key] == per_node[key], key
-
-
-def test_the_level_plan_is_built_from_the_columns() -> None:
-    columns, output, _ = random_table(5, 400, safe=True)
     ops, inputs, values, attrs = (columns[k] for k in ("op", "inputs", "value", "attrs"))
     program = compile_columns(ops, inputs, values, output=output, attrs=attrs)
-    assert batch_plan(program) is not None
-    # below BATCH_MIN_NODES (256): the per-node walk
-    small = compile_columns(ops[:255], [r[:255] for r in inputs], values[:255], attrs=attrs[:255])
-    assert batch_plan(small) is None
-    # pow is not elementwise in the op table: the whole table takes the per-node walk
-    with_pow = compile_columns(
-        [*ops, "pow"], [[*inputs[0], 0], [*inputs[1], 1]], [*values, None], attrs=[*attrs, None]
-    )
-    assert batch_plan(with_pow) is None
+    groups = [group for level in program.plan.levels for group in level.groups]
+    assert groups and all(group.batched for group in groups)
+    result = run(program)
+    want_values, want_grads = reference_run(program)
+    for i, (value, grad) in enumerate(zip(want_values, want_grads, strict=True)):
+        assert np.array_equal(result.value(i), value, equal_nan=True), i
+        got = result.grad(i)
+        if grad is None:
+            assert got is None
+        else:
+            np.testing.assert_allclose(got, grad, rtol=1e-12, atol=1e-12, err_msg=str(i))
 
 
 SMALL_OPS = SAFE_UNARY + UNSAFE_UNARY + SAFE_BINARY + UNSAFE_BINARY
@@ -522,9 +485,9 @@ PROPERTY_CLIENT = create_app(Settings(), TESTING=True).test_client()
 
 @hypothesis_settings(max_examples=40, deadline=None)
 @given(body=small_tables())
-def test_small_tables_nodes_body_per_node_and_batched_agree(body: dict[str, Any]) -> None:
-    """Any small table: the nodes body, the table's per-node walk and the table forced into
-    level batching (BATCH_MIN_NODES = 1) give the same values, gradients and findings."""
+def test_small_tables_and_their_nodes_bodies_agree(body: dict[str, Any]) -> None:
+    """Any small table and the same graph as a nodes body give the same values, gradients
+    and findings."""
     columns = body["columns"]
     nodes_body = {
         "nodes": nodes_of(columns),
@@ -533,11 +496,6 @@ def test_small_tables_nodes_body_per_node_and_batched_agree(body: dict[str, Any]
     }
     expected = ok(post(PROPERTY_CLIENT, nodes_body))
     per_node = ok(post(PROPERTY_CLIENT, body))
-    with pytest.MonkeyPatch.context() as m, batched_runs() as calls:
-        m.setattr(graph, "BATCH_MIN_NODES", 1)
-        m.setattr(engine_columns, "BATCH_MIN_NODES", 1)
-        batched = ok(post(PROPERTY_CLIENT, body))
-    assert calls
     values, grads = by_id(per_node)
     expected_values, expected_grads = by_id(expected)
     assert values == expected_values
@@ -546,10 +504,6 @@ def test_small_tables_nodes_body_per_node_and_batched_agree(body: dict[str, Any]
     assert sorted(per_node["diagnostics"]["nonfinite_nodes"]) == sorted(
         expected["diagnostics"]["nonfinite_nodes"]
     )
-    assert batched["columns"]["value"] == per_node["columns"]["value"]
-    assert_close(batched["columns"]["grad"], per_node["columns"]["grad"])
-    for key in ("output", "parameters", "diagnostics", "health"):
-        assert batched[key] == per_node[key], key
 
 
 # --- 3. non-finite data -------------------------------------------------------------------
@@ -599,8 +553,7 @@ def test_non_finite_strings_in_the_request(client: FlaskClient) -> None:
     assert answer["health"]["status"] == "fail"
 
 
-@pytest.mark.parametrize("per_node", [False, True])
-def test_many_non_finite_rows_in_a_batched_table(client: FlaskClient, per_node: bool) -> None:
+def test_many_non_finite_rows_in_a_table(client: FlaskClient) -> None:
     """More than 64 non-finite numbers go through NumPy's string conversion: the same
     strings, never a bare inf in the JSON."""
     n = 400
@@ -609,10 +562,7 @@ def test_many_non_finite_rows_in_a_batched_table(client: FlaskClient, per_node: 
         "inputs": [[-1, *range(n - 1)]],
         "value": [0, *[None] * (n - 1)],
     }
-    with pytest.MonkeyPatch.context() as m:
-        if per_node:
-            force_per_node(m)
-        answer = ok(post(client, {"columns": columns}))
+    answer = ok(post(client, {"columns": columns}))
     signs = ["-Infinity", "Infinity"]
     assert answer["columns"]["value"] == [0.0, *[signs[k % 2] for k in range(n - 1)]]
     # d out / d row: (-1)^(negs after it); d log(x)/dx at 0: 1/0

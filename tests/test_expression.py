@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
+from gradiag.engine import compile_graph, run
 from gradiag.engine.errors import LimitError
 from gradiag.engine.expression import ExpressionError, parse_expression
-from gradiag.engine.graph import compile_graph, run
 
 # The contract's example requests, copied into the repository's examples/.
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -67,7 +67,7 @@ def test_sigmoid_neuron_gate_by_gate_gives_the_same_gradients(client: FlaskClien
     assert grads(answer, SIGMOID_GRADS) == pytest.approx(SIGMOID_GRADS, abs=1e-4)
     ops = {node["op"] for node in answer["nodes"].values()}
     assert ops == {"input", "const", "mul", "add", "neg", "exp", "div"}
-    assert answer["nodes"]["1"] == {"op": "const", "shape": [], "value": 1.0, "role": "leaf"}
+    assert answer["nodes"]["1"] == {"op": "const", "shape": [], "value": 1.0}  # lean
 
 
 def test_max_gate_routes_the_gradient_to_the_larger_input(client: FlaskClient) -> None:
@@ -100,7 +100,7 @@ def test_identical_subexpressions_share_one_node_and_fan_out_adds_up() -> None:
     assert ids == ["a", "b", "a + b", "(a + b) * (a + b)"]
     program = compile_graph(*_parsed("(a + b) * (a + b)", a=1.0, b=2.0))
     result = run(program)
-    by_id = dict(zip(program.ids, result.grads, strict=True))
+    by_id = {node: result.grad(i) for i, node in enumerate(program.node_ids())}
     assert by_id["a"] == 6.0 and by_id["a + b"] == 6.0  # 2 (a + b), both paths summed
 
 
@@ -141,23 +141,22 @@ def test_a_text_that_names_a_value_falls_back_to_a_t_id() -> None:
 def test_values_not_used_are_inputs_with_zero_gradient(client: FlaskClient) -> None:
     status, answer = post(client, {"expression": "x * 3", "values": {"x": 2, "unused": 5}})
     assert status == 200
-    assert answer["nodes"]["unused"] == {
-        "op": "input",
-        "shape": [],
-        "value": 5.0,
-        "grad": 0.0,
-        "role": "leaf",
-    }
+    assert answer["nodes"]["unused"] == {"op": "input", "shape": [], "value": 5.0, "grad": 0.0}
     assert answer["nodes"]["x"]["grad"] == 3.0
 
 
 def test_roles_and_local_gradients_of_scalar_gates(client: FlaskClient) -> None:
-    status, answer = post(client, {"expression": "x * y", "values": {"x": 3, "y": -4}})
+    body: dict[str, Any] = {"expression": "x * y", "values": {"x": 3, "y": -4}}
+    status, answer = post(client, body)
     assert status == 200
+    assert set(answer["nodes"]["x * y"]) == {"op", "shape", "value", "grad"}  # lean by default
+    status, answer = post(client, {**body, "explain": True})
     node = answer["nodes"]["x * y"]
     assert node["role"].startswith("mul gate")
+    assert node["inputs"] == ["x", "y"]
     assert node["local_grad"] == {"x": -4.0, "y": 3.0}
-    status, answer = post(client, {"expression": "x * x", "values": {"x": 3}})
+    body = {"expression": "x * x", "values": {"x": 3}, "explain": True}
+    status, answer = post(client, body)
     assert answer["nodes"]["x * x"]["local_grad"] == {"x": 6.0}  # both slots summed
 
 
@@ -338,7 +337,7 @@ def test_expression_body_refuses_unknown_fields_and_non_numbers(client: FlaskCli
 
 def test_graph_body_still_works_and_gets_roles(client: FlaskClient) -> None:
     body = json.loads((EXAMPLES / "cs231n.graph.json").read_text())
-    status, answer = post(client, body)
+    status, answer = post(client, {**body, "explain": True})
     assert status == 200 and answer["output"]["value"] == -12.0
     assert answer["nodes"]["q"]["role"].startswith("add gate")
     assert answer["nodes"]["f"]["local_grad"] == {"q": -4.0, "z": 3.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
+from gradiag.engine import NodeSpec, compile_graph, run
 from gradiag.engine.expression import parse_expression
 from gradiag.engine.gradcheck import (
     GradcheckOptions,
@@ -18,7 +20,6 @@ from gradiag.engine.gradcheck import (
     relative_error,
     verdict,
 )
-from gradiag.engine.graph import NodeSpec, compile_graph, run
 
 SIGMOID = "1 / (1 + exp(-(w0*x0 + w1*x1 + w2)))"
 SIGMOID_VALUES = {"w0": 2.0, "x0": -1.0, "w1": -3.0, "x1": -2.0, "w2": -3.0}
@@ -170,7 +171,7 @@ def test_evaluation_cap_shares_elements_round_robin() -> None:
 def test_evaluation_budget_counts_nodes_and_flops() -> None:
     program = compile_graph([NodeSpec("x", "input", value=np.ones(()))], "x")
     assert evaluation_budget(program, 0, max_node_evaluations=100) == 100
-    program.flops = 10
+    program = dataclasses.replace(program, flops=10)
     assert evaluation_budget(program, 50, max_node_evaluations=100) == 5
 
 

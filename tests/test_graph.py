@@ -13,6 +13,7 @@ from gradiag.engine import (
     LimitError,
     Limits,
     NodeSpec,
+    Result,
     ShapeError,
     Thresholds,
     ValueDomainError,
@@ -20,7 +21,7 @@ from gradiag.engine import (
     graph_diagnostics,
     run,
 )
-from gradiag.engine.graph import Result, unbroadcast
+from gradiag.engine.ops import unbroadcast
 
 
 def leaf(node_id: str, value: Any, op: str = "input") -> NodeSpec:
@@ -36,8 +37,9 @@ def evaluate(nodes: list[NodeSpec], output: str, **kwargs: Any) -> Result:
 
 
 def by_id(result: Result) -> tuple[dict[str, Any], dict[str, Any]]:
-    ids = result.program.ids
-    return dict(zip(ids, result.values, strict=True)), dict(zip(ids, result.grads, strict=True))
+    ids = result.program.node_ids()
+    values = {node: result.value(i) for i, node in enumerate(ids)}
+    return values, {node: result.grad(i) for i, node in enumerate(ids)}
 
 
 # --- backprop by hand: the CS231n circuits ----------------------------------------------

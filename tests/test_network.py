@@ -14,8 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from gradiag.engine import Result, Thresholds, compile_graph, run
-from gradiag.engine.graph import Program, forward
+from gradiag.engine import Program, Result, Thresholds, compile_graph, forward, run
 from gradiag.engine.network import (
     ACTIVATION_OPS,
     INIT_SCALES,
@@ -296,19 +295,16 @@ def test_nonfinite_value_fails_and_names_its_place(
 
 def numerical_gradient(program: Program, leaf: int, h: float = 1e-6) -> np.ndarray:
     """d loss / d leaf by centred differences, one element at a time."""
-    base = program.leaf_values[leaf]
+    base = program.tensors[leaf]
     grad = np.zeros(base.shape)
-    try:
-        for idx in np.ndindex(base.shape):
-            outs = []
-            for step in (h, -h):
-                moved = base.copy()
-                moved[idx] += step
-                program.leaf_values[leaf] = moved
-                outs.append(float(forward(program)[0][program.output]))
-            grad[idx] = (outs[0] - outs[1]) / (2 * h)
-    finally:
-        program.leaf_values[leaf] = base
+    for idx in np.ndindex(base.shape):
+        outs = []
+        for step in (h, -h):
+            moved = base.copy()
+            moved[idx] += step
+            values, _ = forward(program, tensors={**program.tensors, leaf: moved})
+            outs.append(float(values[program.output]))
+        grad[idx] = (outs[0] - outs[1]) / (2 * h)
     return grad
 
 
@@ -336,8 +332,8 @@ def test_gradients_match_centred_differences(activation: str, loss: str, l2: flo
     check_network(spec)
     program = compile_graph(*lower(spec))
     result = run(program)
-    leaves = [i for i, op in enumerate(program.ops) if op in ("param", "input")]
-    assert [program.ids[i] for i in leaves] == [
+    leaves = program.rows_of("param", "input").tolist()
+    assert program.node_ids(leaves) == [
         "X",
         "layer1.W",
         "layer1.b",
@@ -346,7 +342,7 @@ def test_gradients_match_centred_differences(activation: str, loss: str, l2: flo
     ]
     for i in leaves:
         np.testing.assert_allclose(
-            result.grads[i], numerical_gradient(program, i), rtol=1e-5, atol=1e-9
+            result.grad(i), numerical_gradient(program, i), rtol=1e-5, atol=1e-9
         )
 
 
@@ -356,7 +352,7 @@ def test_losses_have_their_definitions() -> None:
         spec = small_spec("relu", loss)
         program = compile_graph(*lower(spec))
         result = run(program)
-        values = dict(zip(program.ids, result.values, strict=True))
+        values = {node: result.value(i) for i, node in enumerate(program.node_ids())}
         s = values["layer2.a"]
         if loss == "sum":
             expected = s.sum()
@@ -454,7 +450,8 @@ def test_float32_runs_end_to_end() -> None:
     narrow = run(compile_graph(*lower(narrow_spec), dtype=np.float32))
     assert all(v.dtype == np.float32 for v in narrow.values)
     assert all(g is None or g.dtype == np.float32 for g in narrow.grads)
-    assert float(narrow.values[-1]) == pytest.approx(float(wide.values[-1]), rel=1e-5)
+    last = len(wide.program) - 1
+    assert float(narrow.values[last]) == pytest.approx(float(wide.values[last]), rel=1e-5)
     for g32, g64 in zip(narrow.grads, wide.grads, strict=True):
         if g32 is not None:
             np.testing.assert_allclose(g32, g64, rtol=1e-3, atol=1e-5)
@@ -532,7 +529,7 @@ def test_mse_targets_of_one_unit_may_be_flat() -> None:
     )
     check_network(spec)
     program = compile_graph(*lower(spec))
-    assert program.shapes[program.ids.index("y")] == (3, 1)  # not broadcast to (3, 3)
+    assert program.shapes[program.node_ids().index("y")] == (3, 1)  # not broadcast to (3, 3)
     assert float(run(program).values[program.output]) == pytest.approx(2.25 / 3)
 
 
@@ -743,7 +740,7 @@ def test_input_gradient_is_skipped_unless_the_report_returns_it(client: FlaskCli
     for include, computed in (([], False), (["gradients"], True)):
         request = NetworkRequest.model_validate(network_request(include))
         done = diagnose_network(request, NetworkLimits())
-        x_grad = done.result.grads[list(done.result.program.ids).index("X")]
+        x_grad = done.result.grad(done.result.program.node_ids().index("X"))
         assert (x_grad is not None) is computed
     with_grads = post(client, network_request(["gradients"]))
     without = post(client, network_request([]))
@@ -770,7 +767,8 @@ def test_no_grad_leaf_skips_its_matmul_and_changes_no_other_gradient(
     program = compile_graph(nodes, output, no_grad=unread_gradients(gradients=False))
     skipped = run(program)
     assert calls == [(True, True, True), (False, True, True)]  # layer 2, then layer 1 (X)
-    for node, g_full, g_skipped in zip(program.ids, full.grads, skipped.grads, strict=True):
+    for i, node in enumerate(program.node_ids()):
+        g_full, g_skipped = full.grad(i), skipped.grad(i)
         if node == "X":
             assert g_full is not None and g_skipped is None
         elif g_full is None:
@@ -797,8 +795,8 @@ def test_float32_leaves_are_cast_as_drawn_and_compile_copies_none() -> None:
     for i, w in enumerate(wide, start=1):
         np.testing.assert_array_equal(leaves[f"layer{i}.W"], w.W.astype(np.float32))
     program = compile_graph(nodes, output, dtype=np.float32)
-    for i, value in program.leaf_values.items():
-        assert value is leaves[program.ids[i]]  # the same array: no copy
+    for i, value in program.tensors.items():
+        assert value is leaves[program.node_id(i)]  # the same array: no copy
 
 
 def test_float32_request_allocates_little_beyond_the_tensors_it_keeps() -> None:
@@ -845,7 +843,7 @@ def test_layer_norms_and_moments_are_the_float64_formulas(dtype: str) -> None:
         dtype=dtype,
     )
     result = run(compile_graph(*lower(spec), dtype=np.dtype(dtype)))
-    at = {node: i for i, node in enumerate(result.program.ids)}
+    at = {node: i for i, node in enumerate(result.program.node_ids())}
 
     def norm(x: Any) -> float:
         return float(np.linalg.norm(np.asarray(x, np.float64)))
@@ -858,7 +856,7 @@ def test_layer_norms_and_moments_are_the_float64_formulas(dtype: str) -> None:
         rel = 1e-12 if dtype == "float64" else 1e-5  # float32: a float32 dot (diagnostics)
         assert layer.weight_norm == pytest.approx(norm(result.values[at[f"{name}.W"]]), rel=rel)
         for part in ("W", "b", "z"):
-            want = norm(result.grads[at[f"{name}.{part}"]])
+            want = norm(result.grad(at[f"{name}.{part}"]))
             assert getattr(layer, f"grad_norm_{part}") == pytest.approx(want, rel=rel)
 
 

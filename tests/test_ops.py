@@ -21,8 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradiag.engine.errors import ShapeError
-from gradiag.engine.graph import unbroadcast
-from gradiag.engine.ops import LEAF_OPS, OPS, Array, all_finite
+from gradiag.engine.ops import LEAF_OPS, OPS, Array, all_finite, sigmoid_forward, unbroadcast
 from gradiag.schemas import graph as graph_schema
 
 H = 1e-6
@@ -554,3 +553,30 @@ def test_all_finite_matches_isfinite(dtype: type, values: list[float]) -> None:
     assert all_finite(x) is expected
     assert all_finite(x.reshape(-1, 1)[::-1]) is expected  # not contiguous
     assert all_finite(x[0]) is bool(np.isfinite(x[0]))  # 0-d
+
+
+# --- sigmoid's one-division form --------------------------------------------------------
+
+SIGMOID_EDGES = [0.0, -0.0, 1.0, -1.0, 1e-320, -1e-320, 1e-160, -1e-160, 36.7, -36.7]
+SIGMOID_EDGES += [700.0, -700.0]
+SIGMOID_EDGES += [800.0, -800.0, 1e154, 1e155, -1e200, 1e308, math.inf, -math.inf, math.nan]
+
+
+def two_quotient_sigmoid(x: np.ndarray) -> np.ndarray:
+    """The textbook stable form: both quotients, then np.where picks one per element."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sigmoid_is_the_two_quotient_form_bit_for_bit(dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate((rng.normal(0, 20, 10_000), rng.normal(0, 1e-3, 1000), SIGMOID_EDGES))
+    with np.errstate(all="ignore"):
+        x = x.astype(dtype)  # float32: the huge edges become infinities
+        out, _ = sigmoid_forward(x)
+        assert out.dtype == dtype
+        assert out.tobytes() == two_quotient_sigmoid(x).tobytes()
+        for value in x[-len(SIGMOID_EDGES) :]:  # 0-d operands, as a single node has them
+            scalar, _ = sigmoid_forward(np.asarray(value))
+            assert np.asarray(scalar).tobytes() == two_quotient_sigmoid(np.asarray(value)).tobytes()

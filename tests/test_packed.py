@@ -25,7 +25,6 @@ from test_columns import (
     CIRCUIT_VALUES,
     NEURON,
     NEURON_GRADS,
-    batched_runs,
     first_error,
     ok,
     post,
@@ -129,14 +128,15 @@ NONFINITE = {  # exp(1000) = inf; inf * 2 = inf; inf + NaN = NaN; a NaN leaf; co
 PADDED = padded_circuit(300)
 BIG_RANDOM, BIG_RANDOM_OUTPUT, _ = random_table(1, 700, safe=False)  # infinities and NaNs
 GRAPHS = {
-    "circuit": ({"columns": CIRCUIT}, False),
-    "neuron": ({"columns": NEURON, "gradcheck": True, "explain": True}, False),
-    "nonfinite": ({"columns": NONFINITE}, False),
-    "padded circuit": ({"columns": PADDED}, True),
-    "random 700": (
-        {"columns": BIG_RANDOM, "output": BIG_RANDOM_OUTPUT, "thresholds": {"dead_warn": 0}},
-        True,
-    ),
+    "circuit": {"columns": CIRCUIT},
+    "neuron": {"columns": NEURON, "gradcheck": True, "explain": True},
+    "nonfinite": {"columns": NONFINITE},
+    "padded circuit": {"columns": PADDED},
+    "random 700": {
+        "columns": BIG_RANDOM,
+        "output": BIG_RANDOM_OUTPUT,
+        "thresholds": {"dead_warn": 0},
+    },
 }
 PACKINGS = {
     "all packed": {},
@@ -152,17 +152,13 @@ PACKINGS = {
 
 
 @pytest.mark.parametrize("packing", PACKINGS.values(), ids=PACKINGS.keys())
-@pytest.mark.parametrize(("body", "batched"), GRAPHS.values(), ids=GRAPHS.keys())
+@pytest.mark.parametrize("body", GRAPHS.values(), ids=GRAPHS.keys())
 def test_a_packed_request_gives_the_list_answer(
-    client: FlaskClient, body: dict[str, Any], batched: bool, packing: dict[str, Any]
+    client: FlaskClient, body: dict[str, Any], packing: dict[str, Any]
 ) -> None:
-    with batched_runs() as calls:
-        expected = ok(post(client, body))
-    assert bool(calls) == batched  # >= 256 elementwise rows run level batched
+    expected = ok(post(client, body))
     packed_body = {**body, "columns": pack_table(body["columns"], **packing)}
-    with batched_runs() as calls:
-        answer = ok(post(client, packed_body))
-    assert bool(calls) == batched
+    answer = ok(post(client, packed_body))
     assert answer == expected  # values, grads (bit for bit), findings, health, gradcheck
 
 
@@ -186,9 +182,7 @@ def test_the_circuit_packed_in_and_out(client: FlaskClient) -> None:
 
 
 def test_the_padded_circuit_packed_in_and_out(client: FlaskClient) -> None:
-    with batched_runs() as calls:
-        answer = ok(post(client, {"columns": pack_table(PADDED), "encoding": "packed"}))
-    assert calls, "306 elementwise rows run level batched"
+    answer = ok(post(client, {"columns": pack_table(PADDED), "encoding": "packed"}))
     value = unpack(answer["columns"]["value"])
     grad = unpack(answer["columns"]["grad"])
     assert value.size == grad.size == len(PADDED["op"]) == 306
@@ -202,9 +196,9 @@ def test_the_padded_circuit_packed_in_and_out(client: FlaskClient) -> None:
 # --- 2. a packed answer: the list answer's numbers -------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "batched"), GRAPHS.values(), ids=GRAPHS.keys())
+@pytest.mark.parametrize("body", GRAPHS.values(), ids=GRAPHS.keys())
 def test_a_packed_answer_decodes_to_the_list_answer(
-    client: FlaskClient, body: dict[str, Any], batched: bool
+    client: FlaskClient, body: dict[str, Any]
 ) -> None:
     expected = ok(post(client, body))
     answer = ok(post(client, {**body, "encoding": "packed"}))

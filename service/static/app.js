@@ -512,6 +512,12 @@
     }
   }
 
+  // The page draws the graph's edges: it asks for them (`explain`) unless the body says.
+  function explained(text, body) {
+    if (!body || typeof body !== "object" || Array.isArray(body) || "explain" in body) return text;
+    return JSON.stringify(Object.assign({}, body, { explain: true }));
+  }
+
   async function run() {
     const { text, body } = parseBody();
     const url = endpointFor(body);
@@ -519,7 +525,8 @@
     document.getElementById("status").dataset.state = "running";
     let response;
     try {
-      response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: text });
+      const sent = explained(text, body);
+      response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: sent });
     } catch (err) {
       setStatus("the service did not answer: " + err, true);
       return;

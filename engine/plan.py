@@ -1,0 +1,353 @@
+"""How the executor walks a program: topological levels x groups, planned once at compile.
+
+A node's level is 1 + its deepest operand's (leaves: 0); nodes of one level do not depend on
+each other. Within a level the nodes form groups:
+
+- a *batched* group: scalar nodes (shape (), scalar operands) of one op and attrs whose op
+  `batches` (elementwise). The group runs as ONE call of the op's forward on 1-D arrays
+  gathered from a flat value buffer: a graph of 100k one-number nodes (micrograd style)
+  costs a few NumPy calls per level instead of Python per node;
+- a *single* group: any other node (a tensor, a matmul, a loss), run on its own.
+
+The plan numbers the op nodes in plan order (level, then batched groups by kind, then the
+single nodes, rows ascending within each) and puts them at the front of the value buffer,
+the leaves after them, so a batched group's values are one contiguous slice. For the
+backward of the batched nodes whose op `scales` it lists every (consumer, operand) edge:
+those into op nodes, in the consumer's plan order (a level's edges are one slice), and those
+into leaves (added once, at the end). `engine.executor` runs the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gradiag.engine.ops import OPS, Array, Op
+
+
+@dataclass(slots=True)
+class Group:
+    """Plan positions [start, stop) of one op and attrs. A single group holds one node,
+    `row`; a batched one runs its nodes as one call (`row` is -1)."""
+
+    op: Op
+    attrs: Mapping[str, Any]
+    start: int
+    stop: int
+    row: int = -1
+
+    @property
+    def batched(self) -> bool:
+        return self.row < 0
+
+
+@dataclass(slots=True)
+class Level:
+    start: int  # its slice of the plan order
+    stop: int
+    batched_stop: int  # [start, batched_stop): its batched groups; then its single nodes
+    groups: list[Group]
+    arity: int  # the most operands a batched group of it takes
+    edge_span: tuple[int, int]  # its slice of `Plan.inner_edges`
+    leaf_span: tuple[int, int]  # its slice of `Plan.leaf_edges`
+    edges_distinct: bool  # no target repeats in its inner edges, so `+=` is exact
+    exact_groups: list[Group]  # its batched groups whose op does not `scale`
+
+
+@dataclass(slots=True)
+class Edges:
+    """Operand edges, by buffer position: the consuming op node, the operand it reads, and
+    where the local derivative d consumer / d operand is in the flattened partials."""
+
+    consumer: Array
+    target: Array
+    partial: Array
+
+
+@dataclass(slots=True)
+class Kind:
+    """The batched nodes of one (op, attrs), over all levels: their local derivatives are one
+    call of the op."""
+
+    op: Op
+    attrs: Mapping[str, Any]
+    positions: Array  # in plan order
+
+
+@dataclass
+class Plan:
+    """`order[p]` is the row at buffer position p (op nodes in plan order, then the leaves);
+    `position` the inverse, with `position[n] = n`, a scratch slot that "no operand" reads;
+    `operands[k][p]` the position of the k-th operand of the op node at p (n for none)."""
+
+    levels: list[Level]
+    order: Array
+    position: Array
+    operands: tuple[Array, ...]
+    n_ops: int
+    kinds: list[Kind]  # the batched kinds (local derivatives, one call each)
+    width: int  # operand slots per node in the partials: a power of two >= batched arity
+    inner_edges: Edges  # scaling batched nodes' edges into op nodes
+    leaf_edges: Edges  # and into leaves
+    live: Array | None  # by position: has a path to the output (None: every node has)
+
+    @property
+    def leaves(self) -> Array:
+        return self.order[self.n_ops :]
+
+
+def make_plan(
+    names: Sequence[str],
+    codes: Array,
+    attrs: Sequence[Mapping[str, Any]],
+    operands: Array,
+    scalar: Array,
+    output: int,
+) -> Plan:
+    """The plan of a program: `codes[i]` indexes `names` (leaf ops included), `operands` is
+    (MAX_ARITY, n) (-1: none), `scalar[i]` True where node i and its operands are scalars."""
+    n = codes.size
+    is_op = np.array([name in OPS for name in names], bool)[codes]
+    inner = np.flatnonzero(is_op)
+    levels = _levels(inner, operands, n)
+    kind, kinds_of = _kinds(names, codes, attrs, scalar & is_op)
+    n_kinds = len(kinds_of)
+    key = levels[inner] * (n_kinds + 1) + np.where(kind[inner] >= 0, kind[inner], n_kinds)
+    ops_order = inner[_stable_order(key)]
+    m = ops_order.size
+    order = np.concatenate((ops_order, np.flatnonzero(~is_op))).astype(np.intp)
+    position = np.empty(n + 1, np.intp)
+    position[order] = np.arange(n)
+    position[n] = n
+    buffer_operands = tuple(position[column[ops_order]] for column in operands)
+    level_of, kind_of = levels[ops_order], kind[ops_order]
+    batched_arity = max((OPS[kinds_of[k][0]].arity for k in range(n_kinds)), default=1)
+    width = 1 << (batched_arity - 1).bit_length()
+    scales = np.array([OPS[op].scales for op, _ in kinds_of] + [False], bool)[kind_of]
+    inner_edges, leaf_edges = _split_edges(buffer_operands, n, m, scales, width)
+    level_starts = _starts(level_of)
+    bounds = [*level_starts.tolist(), m]
+    edge_bounds = np.searchsorted(inner_edges.consumer, bounds).tolist()
+    leaf_bounds = np.searchsorted(leaf_edges.consumer, bounds).tolist()
+    distinct = _distinct_by_level(level_of[inner_edges.consumer], inner_edges.target, levels)
+    groups = _groups(ops_order, level_of, kind_of, kinds_of, names, codes, attrs)
+    plan_levels = []
+    first = 0
+    for k in range(len(bounds) - 1):
+        start, stop = bounds[k], bounds[k + 1]
+        last = first
+        while last < len(groups) and groups[last].start < stop:
+            last += 1
+        mine = groups[first:last]
+        first = last
+        batched = [g for g in mine if g.batched]
+        plan_levels.append(
+            Level(
+                start,
+                stop,
+                batched[-1].stop if batched else start,
+                mine,
+                max((g.op.arity for g in batched), default=0),
+                (edge_bounds[k], edge_bounds[k + 1]),
+                (leaf_bounds[k], leaf_bounds[k + 1]),
+                bool(distinct[int(level_of[start])]),
+                [g for g in batched if not g.op.scales],
+            )
+        )
+    kinds = [
+        Kind(OPS[op], op_attrs, positions)
+        for code, (op, op_attrs) in enumerate(kinds_of)
+        if (positions := np.flatnonzero(kind_of == code)).size
+    ]
+    live = _live(plan_levels, buffer_operands, position, output, codes, is_op, operands, n)
+    return Plan(
+        plan_levels,
+        order,
+        position,
+        buffer_operands,
+        m,
+        kinds,
+        width,
+        inner_edges,
+        leaf_edges,
+        live,
+    )
+
+
+def _kinds(
+    names: Sequence[str], codes: Array, attrs: Sequence[Mapping[str, Any]], batchable: Array
+) -> tuple[Array, list[tuple[str, Mapping[str, Any]]]]:
+    """Each row's batched kind (an index into the kinds, -1: not batched) and the kinds'
+    (op, attrs), in order of first appearance. Without attrs (the usual case) a kind is an
+    op, read off the op codes; attrs split an op into one kind per distinct attrs."""
+    batches = np.array([name in OPS and OPS[name].batches for name in names], bool)
+    rows = np.flatnonzero(batchable & batches[codes])
+    with_attrs = [i for i in rows.tolist() if attrs[i]] if any(attrs) else []
+    kind = np.full(codes.size, -1, np.intp)
+    if not with_attrs:
+        distinct, first_codes = np.unique(codes[rows], return_index=True)
+        ranked = distinct[np.argsort(first_codes, kind="stable")]  # first appearance
+        remap = np.full(len(names), -1, np.intp)
+        remap[ranked] = np.arange(ranked.size)
+        kind[rows] = remap[codes[rows]]
+        return kind, [(names[c], {}) for c in ranked.tolist()]
+    keys = [(names[codes[i]], _hashable(attrs[i])) for i in rows.tolist()]
+    distinct_keys, key_codes = first_seen_codes(keys)
+    kind[rows] = key_codes
+    _, first = np.unique(key_codes, return_index=True)  # each kind's first row among `rows`
+    return kind, [
+        (op, attrs[int(rows[at])]) for (op, _), at in zip(distinct_keys, first, strict=True)
+    ]
+
+
+def _hashable(attrs: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()))
+
+
+def first_seen_codes(keys: Sequence[Any]) -> tuple[list[Any], Array]:
+    """The distinct keys in order of first appearance, and each row's index among them:
+    one pass in C (dict.fromkeys, map), not a Python loop per row."""
+    distinct = list(dict.fromkeys(keys))
+    code_of = {key: k for k, key in enumerate(distinct)}
+    return distinct, np.fromiter(map(code_of.__getitem__, keys), np.intp, len(keys))
+
+
+def _groups(
+    ops_order: Array,
+    level_of: Array,
+    kind_of: Array,
+    kinds_of: Sequence[tuple[str, Mapping[str, Any]]],
+    names: Sequence[str],
+    codes: Array,
+    attrs: Sequence[Mapping[str, Any]],
+) -> list[Group]:
+    """The groups in plan order: runs of one batched kind within a level, and each single
+    node alone."""
+    m = ops_order.size
+    if not m:
+        return []
+    within = np.where(kind_of >= 0, kind_of, len(kinds_of) + np.arange(m))
+    key = level_of * (len(kinds_of) + m) + within
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1]))).tolist()
+    stops = [*starts[1:], ops_order.size]
+    groups = []
+    for start, stop, kind in zip(starts, stops, kind_of[starts].tolist(), strict=True):
+        if kind >= 0:
+            op, op_attrs = kinds_of[kind]
+            groups.append(Group(OPS[op], op_attrs, start, stop))
+        else:
+            row = int(ops_order[start])
+            groups.append(Group(OPS[names[codes[row]]], attrs[row], start, stop, row))
+    return groups
+
+
+def _split_edges(
+    buffer_operands: tuple[Array, ...], n: int, m: int, scales: Array, width: int
+) -> tuple[Edges, Edges]:
+    """The (op node, operand) edges of the batched nodes whose op `scales`, but the missing
+    operands, in plan order of the op node: those into op nodes and those into leaves.
+    Edge e = width * p + k is op p's k-th operand (filled by strided 1-d copies)."""
+    targets = np.full(width * m, n, np.intp)
+    kept = np.zeros(width * m, bool)
+    for k, column in enumerate(buffer_operands[:width]):
+        targets[k::width] = column
+        kept[k::width] = scales
+    shift = width.bit_length() - 1
+
+    def edges(at: Array) -> Edges:  # the flattened (width, m) partials: row k, column p
+        consumer = at >> shift
+        return Edges(consumer, targets[at], consumer + (at & (width - 1)) * m)
+
+    # flatnonzero, then take: ~3x faster than boolean-mask indexing on a random mask
+    into_ops = kept & (targets < m)
+    into_leaves = kept & (targets >= m) & (targets != n)
+    return edges(np.flatnonzero(into_ops)), edges(np.flatnonzero(into_leaves))
+
+
+def _stable_order(key: Array) -> Array:
+    """The stable sort order of integer keys. Keys that fit 16 bits unsigned sort as uint16,
+    for which NumPy's stable sort is a radix sort: ~5x faster than a merge sort on 100k."""
+    if key.size and int(key.min()) >= 0 and int(key.max()) < 1 << 16:
+        key = key.astype(np.uint16)
+    return np.argsort(key, kind="stable")
+
+
+def _starts(keys: Array) -> Array:
+    """Where each run of equal keys starts, in a sorted array."""
+    if not keys.size:
+        return np.empty(0, np.intp)
+    return np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+
+
+def _levels(inner: Array, operands: Array, n: int) -> Array:
+    """1 + the deepest operand's level (leaves: 0), in topological (row) order. A Python loop
+    over plain ints, each level depending on the ones before it; it runs over the op rows
+    only, renumbered 1.. in order, so it can append (leaves and "no operand" read the level
+    0 at slot 0). The operand columns are read through memoryviews and the levels go back
+    by `np.fromiter`: both faster than lists. Columns no row uses are left out."""
+    rank = np.zeros(n + 1, np.intp)  # row -> 1 + its rank among the op rows; row -1 -> 0
+    rank[inner] = np.arange(1, inner.size + 1)
+    used = [column for column in operands if (column[inner] >= 0).any()]
+    views = [rank[column[inner]].data for column in used]
+    level = [0]
+    append = level.append
+    if len(views) == 1:
+        for a in views[0]:
+            append(level[a] + 1)
+    elif len(views) == 2:
+        for a, b in zip(*views, strict=True):
+            x = level[a]
+            y = level[b]
+            append(x + 1 if x > y else y + 1)
+    elif views:
+        for ranks in zip(*views, strict=True):
+            append(max([level[r] for r in ranks]) + 1)
+    else:
+        level.extend([1] * inner.size)
+    by_row = np.zeros(n, np.intp)
+    by_row[inner] = np.fromiter(level, np.intp, len(level))[1:]
+    return by_row
+
+
+def _distinct_by_level(level_of: Array, column: Array, levels: Array) -> Array:
+    """Indexed by level number: True when no value of `column` repeats among the rows of that
+    level (`level_of`: each row's level), so a `+=` scattering to them is exact."""
+    distinct = np.ones(int(levels.max(initial=0)) + 2, bool)
+    if level_of.size:
+        span = int(column.max()) + 1
+        key = np.sort(level_of * span + column)
+        distinct[key[1:][key[1:] == key[:-1]] // span] = False
+    return distinct
+
+
+def _live(
+    levels: Sequence[Level],
+    buffer_operands: tuple[Array, ...],
+    position: Array,
+    output: int,
+    codes: Array,
+    is_op: Array,
+    operands: Array,
+    n: int,
+) -> Array | None:
+    """Which positions have a path to the output; None when all have. A graph whose only op
+    node without users is the output needs no walk (every node reaches some sink); else one
+    pass per level from the top marks the operands of reached nodes. The backward reads it
+    where an unreached node's 0 * inf must add nothing."""
+    users = np.zeros(n, np.intp)
+    for column in operands:
+        users += np.bincount(column[column >= 0], minlength=n)
+    sinks = np.flatnonzero(is_op & (users == 0))
+    if sinks.size == 0 or (sinks.size == 1 and sinks[0] == output):
+        return None
+    reach = np.zeros(n + 1, bool)
+    reach[position[output]] = True
+    for level in reversed(levels):
+        hit = reach[level.start : level.stop]
+        if hit.any():
+            for column in buffer_operands:
+                reach[column[level.start : level.stop][hit]] = True
+    return reach
