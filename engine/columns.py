@@ -133,8 +133,9 @@ def _coded(ops: Sequence[str] | CodedOps) -> tuple[list[str], Array]:
 
 
 def _operand_columns(inputs: Sequence[Sequence[int] | Array], n: int) -> Array:
-    """(MAX_ARITY, n) operand rows, -1 where a row has fewer operands."""
-    operands = np.full((MAX_ARITY, n), -1, np.intp)
+    """(k, n) operand rows (k: the lists given, at least one), -1 where a row has fewer
+    operands."""
+    operands = np.full((max(len(inputs), 1), n), -1, np.intp)
     for k, column in enumerate(inputs):
         if isinstance(column, np.ndarray):  # a packed integer column
             operands[k] = column

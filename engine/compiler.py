@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gradiag.engine.errors import GraphError, Loc, ShapeError, check_limits
-from gradiag.engine.ops import LEAF_OPS, MAX_ARITY, OPS, Array, Shape
+from gradiag.engine.ops import LEAF_OPS, OPS, Array, Shape
 from gradiag.engine.plan import Plan, first_seen_codes, make_plan
 
 NO_ATTRS: Mapping[str, Any] = MappingProxyType({})
@@ -85,7 +85,8 @@ class Table:
     """A graph as a front end hands it to `compile_table`: row i is node i, in request order.
 
     `names`/`codes`: row i's op is `names[codes[i]]` (leaf ops included). Operands are either
-    `operands`, (MAX_ARITY, n) row numbers with -1 for none, or `references`, each row's
+    `operands`, (k, n) row numbers with -1 for none (k >= the largest arity), or
+    `references`, each row's
     operand ids. A leaf's value is in `scalars` (a float per row; only leaf rows are read)
     unless it is a tensor, in `tensors` by row. Front ends check that leaves have a value."""
 
@@ -111,10 +112,11 @@ class Program:
     ids: list[str] | None  # None: row i is called "i" (a table without an id column)
     names: list[str]
     codes: Array  # (n,) row i's op is names[codes[i]]
-    operands: Array  # (MAX_ARITY, n): row i's k-th operand row, -1 for none
+    operands: Array  # (k, n): row i's k-th operand row, -1 for none (k: the most operands)
     arity: Array  # (n,) operands of row i (0 for leaves)
     attrs: Sequence[Mapping[str, Any]]
     shapes: list[Shape]
+    ranks: Array  # (n,) len(shapes[i]): 0 for a scalar node
     scalars: Array  # (n,) the value of each scalar leaf, in the program's dtype
     tensors: dict[int, Array]  # the value of each tensor leaf
     locs: Locs
@@ -212,7 +214,9 @@ def compile_table(
     tensors = {i: np.asarray(v, dtype) for i, v in tensors.items()}
     sizes = _infer_shapes(table, codes, arity, operands, attrs, tensors, source, limits, ids)
     shapes, flops, elements, scratch, scalar = sizes
-    plan = make_plan(table.names, codes, attrs, operands, scalar, out)
+    ranks = _ranks(shapes) if tensors else np.zeros(n, np.intp)  # scalars make scalars
+    with_attrs = table.attrs is not None and any(table.attrs)
+    plan = make_plan(table.names, codes, attrs, operands, scalar, with_attrs=with_attrs)
     return Program(
         ids=ids,
         names=table.names,
@@ -221,6 +225,7 @@ def compile_table(
         arity=arity,
         attrs=attrs,
         shapes=shapes,
+        ranks=ranks,
         scalars=scalars.astype(dtype, copy=False),
         tensors=tensors,
         locs=table.locs,
@@ -287,7 +292,7 @@ def _check_ids(table: Table) -> dict[str, int] | None:
 
 
 def _resolve(table: Table, index: dict[str, int] | None, arity: Array) -> Array:
-    """The (MAX_ARITY, n) operand rows of `references` (each row's operand ids): every id
+    """The (k, n) operand rows of `references` (each row's operand ids): every id
     looked up in one C-level map; NumPy spreads them into columns. An unknown id or a
     wrong count is an error at the row's `inputs`."""
     references = table.references
@@ -312,7 +317,10 @@ def _resolve(table: Table, index: dict[str, int] | None, arity: Array) -> Array:
     flat = np.append(named, -1)  # the -1 a missing operand reads
     starts = np.cumsum(counts) - counts
     return np.stack(
-        [flat[np.where(counts > k, starts + k, flat.size - 1)] for k in range(MAX_ARITY)]
+        [
+            flat[np.where(counts > k, starts + k, flat.size - 1)]
+            for k in range(max(int(counts.max(initial=0)), 1))
+        ]
     )
 
 
@@ -406,7 +414,7 @@ def _topological_order(table: Table, operands: Array, arity: Array, in_order: bo
         )
     users: list[list[int]] = [[] for _ in range(n)]
     pending = arity.tolist()
-    for k in range(MAX_ARITY):
+    for k in range(operands.shape[0]):
         for user, j in zip(rows.tolist(), operands[k].tolist(), strict=True):
             if j >= 0:
                 users[j].append(user)
@@ -495,6 +503,10 @@ def _infer_shapes(
         extra = op.scratch(ins, shape, **attrs[i])
         checker.add(math.prod(shape), work, extra, lambda i=i: _where(table, source, ids, i))
     return shapes, checker.flops, checker.total, checker.scratch, scalar
+
+
+def _ranks(shapes: Sequence[Shape]) -> Array:
+    return np.fromiter(map(len, shapes), np.intp, len(shapes))
 
 
 def _where(

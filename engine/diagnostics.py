@@ -194,8 +194,8 @@ def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostic
     counts of one run. Scalar nodes are read in whole-column passes over the executor's
     flat arrays; tensor nodes one at a time."""
     program = result.program
-    values, grads = result.values.scalars(), result.grads.scalars()
-    scalar = np.array([not shape for shape in program.shapes], bool)
+    values, grads = result.scalar_values, result.scalar_grads
+    scalar = program.ranks == 0
     gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
     found: list[tuple[Array, str, tuple[str, str, str]]] = []  # (rows, op, verdict)
     for op, stats in gates.items():
@@ -231,9 +231,15 @@ def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostic
         tanh=gates["tanh"],
         nonfinite_nodes=program.node_ids(nonfinite),
         parameter_tensors=params.size,
-        parameter_total=sum(math.prod(program.shapes[i]) for i in params.tolist()),
+        parameter_total=_elements(program, params, scalar),
         findings=findings,
     )
+
+
+def _elements(program: Program, rows: Array, scalar: Array) -> int:
+    """The elements of these rows' values: one per scalar row, its size per tensor row."""
+    tensors = rows[~scalar[rows]].tolist()
+    return int(np.count_nonzero(scalar[rows])) + sum(program.tensors[i].size for i in tensors)
 
 
 def _flagged_elements(result: Result, i: int, op: str, eps: float) -> tuple[int, int]:

@@ -18,12 +18,15 @@ other batched ops (div, log, sqrt, reciprocal, pow) run their own backward per g
 
 A level whose upstream gradients are not all finite runs every batched group through the op's
 own backward (a relu blocks an infinite gradient: 0, where inf * 0 would be NaN), and a node
-without a path to the output adds nothing. Overflow is data: it shows up as NaN or Infinity
-in the values and gradients, which the diagnostics report.
+without a path to the output adds nothing (where that matters, a non-finite derivative or
+gradient, which nodes reach the output is worked out once, in the same walk). Overflow is
+data: it shows up as NaN or Infinity in the values and gradients, which the diagnostics
+report.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,23 +54,23 @@ class Slots:
         tensor = self.tensors.get(i)
         return tensor if tensor is not None else np.asarray(self.buffer[self.position[i]])
 
-    def scalars(self) -> Array:
-        """Every row's scalar slot, by row (a tensor row's slot is unused)."""
-        return self.buffer[self.position[:-1]]
-
 
 @dataclass
 class Result:
     """Forward values and gradients of a run, and the local derivatives its backward took.
 
     `values[i]` is node i's value; `grad(i)` its gradient d(output)/d(node) (None for a const
-    and a `no_grad` node; zeros for a node without a path to the output). `partials` are the
-    batched nodes' local derivatives by plan position (rows: operand positions);
-    `single_local` those of the other scalar nodes of scalar operands."""
+    and a `no_grad` node; zeros for a node without a path to the output). `scalar_values` and
+    `scalar_grads` hold every scalar node's number by row, for whole-column readers (a
+    tensor row's entry is unused; a const's gradient is 0). `partials` are the batched
+    nodes' local derivatives by plan position (rows: operand positions); `single_local`
+    those of the other scalar nodes of scalar operands."""
 
     program: Program
     values: Slots
     grads: Slots
+    scalar_values: Array
+    scalar_grads: Array
     partials: Array
     single_local: dict[int, tuple[Array | None, ...]] = field(default_factory=dict)
 
@@ -138,18 +141,17 @@ def _forward_level(
     deadline: float | None,
 ) -> None:
     plan, buffer = program.plan, values.buffer
-    start = level.start
-    gathered = [
-        buffer[column[start : level.batched_stop]] for column in plan.operands[: level.arity]
-    ]
-    for group in level.groups:
-        if group.batched:
+    if level.batched:
+        start = level.start
+        stop = level.batched[-1].stop
+        gathered = [buffer[column[start:stop]] for column in plan.operands[: level.arity]]
+        for group in level.batched:
             lo, hi = group.start - start, group.stop - start
             args = [operand[lo:hi] for operand in gathered[: group.op.arity]]
             buffer[group.start : group.stop], _ = group.op.forward(*args, **group.attrs)
-        else:
-            check_deadline(deadline)
-            _forward_single(program, group, values, caches)
+    for group in level.singles:
+        check_deadline(deadline)
+        _forward_single(program, group, values, caches)
 
 
 def _forward_single(program: Program, group: Group, values: Slots, caches: dict[int, Any]) -> None:
@@ -196,7 +198,16 @@ def backward(
             check_deadline(deadline)
             walk.level(level, deadline)
         walk.into_leaves()
-    return Result(program, values, grads, partials, walk.single_local)
+    by_row = plan.position[:-1]
+    return Result(
+        program,
+        values,
+        grads,
+        values.buffer[by_row],
+        grads.buffer[by_row],
+        partials,
+        walk.single_local,
+    )
 
 
 def _seed(program: Program, output_grad: Array | None) -> Array:
@@ -230,6 +241,13 @@ def _local_partials(plan: Plan, buffer: Array, dtype: np.dtype[Any]) -> Array:
     return partials
 
 
+def _finite(x: Array) -> bool:
+    """No NaN or infinity in a level's slice: its sum is finite (NaN or inf when an element
+    is; one pass, no temporary array; the caller holds np.errstate), or, when the sum
+    overflowed, every element is."""
+    return math.isfinite(np.add.reduce(x)) or bool(np.isfinite(x).all())
+
+
 class _Walk:
     """The backward's state while it walks the levels from the top."""
 
@@ -246,26 +264,43 @@ class _Walk:
         flat = partials.reshape(-1)
         self.derivative = flat[plan.inner_edges.partial]
         self.leaf_derivative = flat[plan.leaf_edges.partial]
-        if plan.live is not None and not all_finite(partials):
-            # a node without a path to the output has gradient 0: 0 * inf must add nothing
-            self.derivative[~plan.live[plan.inner_edges.consumer]] = 0.0
-            self.leaf_derivative[~plan.live[plan.leaf_edges.consumer]] = 0.0
         self.exact_levels: list[Level] = []
         self.single_local: dict[int, tuple[Array | None, ...]] = {}
+        self._reached: Array | None = None
+        if not all_finite(partials):
+            # a node without a path to the output has gradient 0: 0 * inf must add nothing
+            live = self.live()
+            self.derivative[~live[plan.inner_edges.consumer]] = 0.0
+            self.leaf_derivative[~live[plan.leaf_edges.consumer]] = 0.0
+
+    def live(self) -> Array:
+        """By plan position: which nodes have a path to the output. Asked only where a
+        gradient of 0 must not turn into NaN (a non-finite derivative or upstream gradient),
+        so it is worked out then, once: one pass per level from the top, marking the operands
+        of reached nodes."""
+        if self._reached is None:
+            plan, program = self.plan, self.program
+            reach = np.zeros(len(program) + 1, bool)
+            reach[plan.position[program.output]] = True
+            for level in reversed(plan.levels):
+                hit = reach[level.start : level.stop]
+                if hit.any():
+                    for column in plan.operands:
+                        reach[column[level.start : level.stop][hit]] = True
+            self._reached = reach
+        return self._reached
 
     def level(self, level: Level, deadline: float | None) -> None:
-        for group in level.groups:
-            if not group.batched:
-                check_deadline(deadline)
-                self.single(group)
-        if level.batched_stop == level.start:
+        for group in level.singles:
+            check_deadline(deadline)
+            self.single(group)
+        if not level.batched:
             return
         buffer = self.grads.buffer
-        if not all_finite(buffer[level.start : level.batched_stop]):
+        if not _finite(buffer[level.start : level.batched[-1].stop]):
             self.exact_levels.append(level)  # its leaf edges are added here, not at the end
-            for group in level.groups:
-                if group.batched:
-                    self.batched_exactly(group)
+            for group in level.batched:
+                self.batched_exactly(group)
             return
         lo, hi = level.edge_span
         if lo < hi:  # else every operand is a leaf or of an exact group
@@ -286,8 +321,8 @@ class _Walk:
         operands = plan.operands[: op.arity]
         _, cache = op.forward(*(self.values.buffer[c[rows]] for c in operands), **group.attrs)
         local: Sequence[Array | None] = op.backward(buffer[rows], cache)
-        if plan.live is not None and not plan.live[rows].all():
-            live = plan.live[rows]
+        live = self.live()[rows]
+        if not live.all():
             local = [None if d is None else np.where(live, d, 0.0) for d in local]
         for column, d in zip(operands, local, strict=True):
             if d is not None:
@@ -298,12 +333,12 @@ class _Walk:
         summed back to its shape and added to its slot."""
         program, plan, grads = self.program, self.plan, self.grads
         row = group.row
-        if plan.live is not None and not plan.live[group.start]:
-            return
         shape = program.shapes[row]
         dout = grads.tensors.get(row) if shape else np.asarray(grads.buffer[group.start])
-        if dout is None:
+        if dout is None:  # a tensor node nothing reached
             return
+        if not shape and dout == 0 and not self.live()[group.start]:
+            return  # a scalar node nothing reached (its slot was 0 from the start)
         op, cache = group.op, self.caches[row]
         operands = program.inputs(row)
         wanted = tuple(program.has_grad(j) for j in operands)

@@ -46,15 +46,19 @@ class Group:
 
 @dataclass(slots=True)
 class Level:
-    start: int  # its slice of the plan order
+    start: int  # its slice of the plan order: its batched groups first, then its singles
     stop: int
-    batched_stop: int  # [start, batched_stop): its batched groups; then its single nodes
-    groups: list[Group]
+    batched: list[Group]
+    singles: list[Group]
     arity: int  # the most operands a batched group of it takes
     edge_span: tuple[int, int]  # its slice of `Plan.inner_edges`
     leaf_span: tuple[int, int]  # its slice of `Plan.leaf_edges`
     edges_distinct: bool  # no target repeats in its inner edges, so `+=` is exact
     exact_groups: list[Group]  # its batched groups whose op does not `scale`
+
+    @property
+    def groups(self) -> list[Group]:
+        return self.batched + self.singles
 
 
 @dataclass(slots=True)
@@ -92,7 +96,6 @@ class Plan:
     width: int  # operand slots per node in the partials: a power of two >= batched arity
     inner_edges: Edges  # scaling batched nodes' edges into op nodes
     leaf_edges: Edges  # and into leaves
-    live: Array | None  # by position: has a path to the output (None: every node has)
 
     @property
     def leaves(self) -> Array:
@@ -105,15 +108,17 @@ def make_plan(
     attrs: Sequence[Mapping[str, Any]],
     operands: Array,
     scalar: Array,
-    output: int,
+    *,
+    with_attrs: bool = True,
 ) -> Plan:
     """The plan of a program: `codes[i]` indexes `names` (leaf ops included), `operands` is
-    (MAX_ARITY, n) (-1: none), `scalar[i]` True where node i and its operands are scalars."""
+    (k, n) (-1: none), `scalar[i]` True where node i and its operands are scalars.
+    `with_attrs`: False when no row has attrs (then no row is looked at for them)."""
     n = codes.size
     is_op = np.array([name in OPS for name in names], bool)[codes]
     inner = np.flatnonzero(is_op)
     levels = _levels(inner, operands, n)
-    kind, kinds_of = _kinds(names, codes, attrs, scalar & is_op)
+    kind, kinds_of = _kinds(names, codes, attrs if with_attrs else None, scalar & is_op)
     n_kinds = len(kinds_of)
     key = levels[inner] * (n_kinds + 1) + np.where(kind[inner] >= 0, kind[inner], n_kinds)
     ops_order = inner[_stable_order(key)]
@@ -133,23 +138,18 @@ def make_plan(
     edge_bounds = np.searchsorted(inner_edges.consumer, bounds).tolist()
     leaf_bounds = np.searchsorted(leaf_edges.consumer, bounds).tolist()
     distinct = _distinct_by_level(level_of[inner_edges.consumer], inner_edges.target, levels)
-    groups = _groups(ops_order, level_of, kind_of, kinds_of, names, codes, attrs)
+    groups, first_group = _groups(ops_order, level_of, kind_of, kinds_of, names, codes, attrs)
     plan_levels = []
-    first = 0
     for k in range(len(bounds) - 1):
         start, stop = bounds[k], bounds[k + 1]
-        last = first
-        while last < len(groups) and groups[last].start < stop:
-            last += 1
-        mine = groups[first:last]
-        first = last
-        batched = [g for g in mine if g.batched]
+        mine = groups[first_group[k] : first_group[k + 1]]
+        batched = [g for g in mine if g.row < 0]  # a level's batched groups come first
         plan_levels.append(
             Level(
                 start,
                 stop,
-                batched[-1].stop if batched else start,
-                mine,
+                batched,
+                mine[len(batched) :],
                 max((g.op.arity for g in batched), default=0),
                 (edge_bounds[k], edge_bounds[k + 1]),
                 (leaf_bounds[k], leaf_bounds[k + 1]),
@@ -162,7 +162,6 @@ def make_plan(
         for code, (op, op_attrs) in enumerate(kinds_of)
         if (positions := np.flatnonzero(kind_of == code)).size
     ]
-    live = _live(plan_levels, buffer_operands, position, output, codes, is_op, operands, n)
     return Plan(
         plan_levels,
         order,
@@ -173,27 +172,25 @@ def make_plan(
         width,
         inner_edges,
         leaf_edges,
-        live,
     )
 
 
 def _kinds(
-    names: Sequence[str], codes: Array, attrs: Sequence[Mapping[str, Any]], batchable: Array
+    names: Sequence[str],
+    codes: Array,
+    attrs: Sequence[Mapping[str, Any]] | None,
+    batchable: Array,
 ) -> tuple[Array, list[tuple[str, Mapping[str, Any]]]]:
     """Each row's batched kind (an index into the kinds, -1: not batched) and the kinds'
     (op, attrs), in order of first appearance. Without attrs (the usual case) a kind is an
     op, read off the op codes; attrs split an op into one kind per distinct attrs."""
     batches = np.array([name in OPS and OPS[name].batches for name in names], bool)
+    if attrs is None or not any(attrs):  # a kind per op that batches, in `names` order
+        remap = np.where(batches, np.cumsum(batches) - 1, -1)
+        kind = np.where(batchable, remap[codes], -1)
+        return kind, [(name, {}) for name, batched in zip(names, batches, strict=True) if batched]
     rows = np.flatnonzero(batchable & batches[codes])
-    with_attrs = [i for i in rows.tolist() if attrs[i]] if any(attrs) else []
     kind = np.full(codes.size, -1, np.intp)
-    if not with_attrs:
-        distinct, first_codes = np.unique(codes[rows], return_index=True)
-        ranked = distinct[np.argsort(first_codes, kind="stable")]  # first appearance
-        remap = np.full(len(names), -1, np.intp)
-        remap[ranked] = np.arange(ranked.size)
-        kind[rows] = remap[codes[rows]]
-        return kind, [(names[c], {}) for c in ranked.tolist()]
     keys = [(names[codes[i]], _hashable(attrs[i])) for i in rows.tolist()]
     distinct_keys, key_codes = first_seen_codes(keys)
     kind[rows] = key_codes
@@ -223,25 +220,35 @@ def _groups(
     names: Sequence[str],
     codes: Array,
     attrs: Sequence[Mapping[str, Any]],
-) -> list[Group]:
-    """The groups in plan order: runs of one batched kind within a level, and each single
-    node alone."""
+) -> tuple[list[Group], list[int]]:
+    """The groups in plan order (runs of one batched kind within a level, and each single
+    node alone), and the index of each level's first group (then their count)."""
     m = ops_order.size
     if not m:
-        return []
+        return [], [0]
     within = np.where(kind_of >= 0, kind_of, len(kinds_of) + np.arange(m))
     key = level_of * (len(kinds_of) + m) + within
-    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1]))).tolist()
-    stops = [*starts[1:], ops_order.size]
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    kind_ops = [(OPS[op], op_attrs) for op, op_attrs in kinds_of]
+    op_of = [OPS.get(name) for name in names]
     groups = []
-    for start, stop, kind in zip(starts, stops, kind_of[starts].tolist(), strict=True):
+    for start, stop, kind, row, code in zip(
+        starts.tolist(),
+        [*starts[1:].tolist(), m],
+        kind_of[starts].tolist(),
+        ops_order[starts].tolist(),
+        codes[ops_order[starts]].tolist(),
+        strict=True,
+    ):
         if kind >= 0:
-            op, op_attrs = kinds_of[kind]
-            groups.append(Group(OPS[op], op_attrs, start, stop))
+            op, op_attrs = kind_ops[kind]
+            groups.append(Group(op, op_attrs, start, stop))
         else:
-            row = int(ops_order[start])
-            groups.append(Group(OPS[names[codes[row]]], attrs[row], start, stop, row))
-    return groups
+            single = op_of[code]
+            assert single is not None  # an op row
+            groups.append(Group(single, attrs[row], start, stop, row))
+    level_starts = np.flatnonzero(np.concatenate(([True], level_of[1:] != level_of[:-1])))
+    return groups, [*np.searchsorted(starts, level_starts).tolist(), len(groups)]
 
 
 def _split_edges(
@@ -321,33 +328,3 @@ def _distinct_by_level(level_of: Array, column: Array, levels: Array) -> Array:
         key = np.sort(level_of * span + column)
         distinct[key[1:][key[1:] == key[:-1]] // span] = False
     return distinct
-
-
-def _live(
-    levels: Sequence[Level],
-    buffer_operands: tuple[Array, ...],
-    position: Array,
-    output: int,
-    codes: Array,
-    is_op: Array,
-    operands: Array,
-    n: int,
-) -> Array | None:
-    """Which positions have a path to the output; None when all have. A graph whose only op
-    node without users is the output needs no walk (every node reaches some sink); else one
-    pass per level from the top marks the operands of reached nodes. The backward reads it
-    where an unreached node's 0 * inf must add nothing."""
-    users = np.zeros(n, np.intp)
-    for column in operands:
-        users += np.bincount(column[column >= 0], minlength=n)
-    sinks = np.flatnonzero(is_op & (users == 0))
-    if sinks.size == 0 or (sinks.size == 1 and sinks[0] == output):
-        return None
-    reach = np.zeros(n + 1, bool)
-    reach[position[output]] = True
-    for level in reversed(levels):
-        hit = reach[level.start : level.stop]
-        if hit.any():
-            for column in buffer_operands:
-                reach[column[level.start : level.stop][hit]] = True
-    return reach

@@ -10,7 +10,6 @@ import numpy as np
 
 from gradiag.engine import OPS, GraphDiagnostics, Result
 from gradiag.engine.diagnostics import Finding, GateStats
-from gradiag.engine.executor import Slots
 from gradiag.engine.explain import explain_leaves, local_grads
 from gradiag.engine.gradcheck import GradcheckResult
 from gradiag.engine.tensors import to_wire
@@ -42,8 +41,8 @@ def node_reports(result: Result, *, explain: bool = False) -> dict[str, dict[str
         ids,
         ops,
         [list(shape) for shape in program.shapes],
-        _wire_rows(result, result.values),
-        _wire_rows(result, result.grads, gradients=True),
+        _wire_rows(result, gradients=False),
+        _wire_rows(result, gradients=True),
     ]
     if not explain:
         nodes: dict[str, dict[str, Any]] = {}
@@ -69,12 +68,13 @@ def node_reports(result: Result, *, explain: bool = False) -> dict[str, dict[str
     return nodes
 
 
-def _wire_rows(result: Result, slots: Slots, *, gradients: bool = False) -> list[Any]:
+def _wire_rows(result: Result, *, gradients: bool) -> list[Any]:
     """Every row's value (or gradient) as wire numbers: the scalar rows in one NumPy call
     (only non-finite ones looked at again), each tensor row by `to_wire`. With `gradients`,
     a row without one is `_ABSENT` and an unreached tensor row is zeros."""
     program = result.program
-    flat = slots.scalars()
+    slots = result.grads if gradients else result.values
+    flat = result.scalar_grads if gradients else result.scalar_values
     bad = np.flatnonzero(~np.isfinite(flat))
     if bad.size > 64:  # many: NumPy puts the strings in
         wire: list[Any] = to_wire(flat)
@@ -149,16 +149,17 @@ def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[s
         report["id"] = program.node_ids()
     gradless = _gradless_rows(result)
     if packed:
-        grads = result.grads.scalars()
+        grads = result.scalar_grads
         if gradless:
-            grads[gradless] = np.nan  # no null in a float array (`scalars()` is a copy)
-        report["value"] = pack_floats(result.values.scalars())
+            grads = grads.copy()  # the result's own column stays as it is
+            grads[gradless] = np.nan  # no null in a float array
+        report["value"] = pack_floats(result.scalar_values)
         report["grad"] = pack_floats(grads)
         return report
     if any(program.shapes):  # tensors: one nested list per node (a shape () is falsy)
         report["shape"] = [list(shape) for shape in program.shapes]
-    report["value"] = _wire_rows(result, result.values)
-    grads_wire = _wire_rows(result, result.grads)
+    report["value"] = _wire_rows(result, gradients=False)
+    grads_wire = _wire_rows(result, gradients=True)
     for i in gradless:
         grads_wire[i] = None
     report["grad"] = grads_wire

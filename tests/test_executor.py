@@ -161,9 +161,8 @@ def plain_levels(codes: list[int], first: list[int], second: list[int]) -> list[
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), deep=st.booleans())
 def test_the_plan_orders_rows_by_level_then_op_then_row(seed: int, deep: bool) -> None:
-    """make_plan against the definition: op rows sorted by (level, op), the ops ranked by
-    their first row, rows of one key in row order (`np.lexsort`), on random DAGs of add and
-    mul. `deep` grows a 23,000-row
+    """make_plan against the definition: op rows sorted by (level, op code), rows of one
+    key in row order (`np.lexsort`), on random DAGs of add and mul. `deep` grows a 23,000-row
     chain, so (level, code) keys pass 16 bits (the plan's radix sort stops there); rows off
     the chain put several rows of both ops at one level."""
     rng = random.Random(seed)
@@ -186,12 +185,10 @@ def test_the_plan_orders_rows_by_level_then_op_then_row(seed: int, deep: bool) -
     names = ["add", "mul", "input"]  # code 2: the leaves
     leaf_coded = np.where(code_column < 0, 2, code_column)
     attrs = [{}] * n
-    plan = make_plan(names, leaf_coded, attrs, operands, np.ones(n, bool), n - 1)
+    plan = make_plan(names, leaf_coded, attrs, operands, np.ones(n, bool))
     levels = np.array(plain_levels(codes, first, second))
     inner = np.flatnonzero(code_column >= 0)
-    first_op = code_column[inner[0]]
-    rank = np.where(code_column == first_op, 0, 1)
-    want = inner[np.lexsort((rank[inner], levels[inner]))]
+    want = inner[np.lexsort((code_column[inner], levels[inner]))]
     assert plan.order[: plan.n_ops].tolist() == want.tolist()
     assert len(plan.levels) == levels.max()
     for level in plan.levels:  # each group: one (level, op) run of the order
