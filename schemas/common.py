@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 from typing_extensions import TypeAliasType
 
+from gradiag.engine.diagnostics import Thresholds as EngineThresholds
+
 # Numbers are strict (no "1e3", no true); non-finite values travel as the protobuf JSON strings.
 NonFinite = Literal["NaN", "Infinity", "-Infinity"]
 Number = Annotated[
@@ -28,6 +30,7 @@ class WireModel(BaseModel):
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+DEFAULTS = EngineThresholds()  # the engine defines the defaults; the wire only names them
 
 
 class Thresholds(WireModel):
@@ -37,17 +40,28 @@ class Thresholds(WireModel):
     # deep-copying it into every request that leaves `thresholds` out
     model_config = ConfigDict(frozen=True)
 
-    dead_warn: Fraction = Field(0.10, description="dead ReLU fraction that warns")
-    dead_fail: Fraction = Field(0.50, description="dead ReLU fraction that fails")
-    saturated_warn: Fraction = Field(0.10, description="saturated fraction that warns")
-    saturated_fail: Fraction = Field(0.50, description="saturated fraction that fails")
+    dead_warn: Fraction = Field(DEFAULTS.dead_warn, description="dead ReLU fraction that warns")
+    dead_fail: Fraction = Field(DEFAULTS.dead_fail, description="dead ReLU fraction that fails")
+    saturated_warn: Fraction = Field(
+        DEFAULTS.saturated_warn, description="saturated fraction that warns"
+    )
+    saturated_fail: Fraction = Field(
+        DEFAULTS.saturated_fail, description="saturated fraction that fails"
+    )
     saturation_eps: float = Field(
-        0.01, gt=0.0, lt=0.5, description="a sigmoid/tanh output within eps of a bound"
+        DEFAULTS.saturation_eps,
+        gt=0.0,
+        lt=0.5,
+        description="a sigmoid/tanh output within eps of a bound",
     )
     vanishing_ratio: float = Field(
-        1e-3, gt=0.0, description="||dW first layer|| / ||dW last layer|| below this warns"
+        DEFAULTS.vanishing_ratio,
+        gt=0.0,
+        description="||dW first layer|| / ||dW last layer|| below this warns",
     )
-    exploding_norm: float = Field(1e3, gt=0.0, description="a gradient norm above this warns")
+    exploding_norm: float = Field(
+        DEFAULTS.exploding_norm, gt=0.0, description="a gradient norm above this warns"
+    )
 
 
 class Finding(BaseModel):

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, create_model
 
+from gradiag.engine.gradcheck import GradcheckOptions as EngineGradcheckOptions
 from gradiag.engine.ops import LEAF_OPS as ENGINE_LEAF_OPS
 from gradiag.engine.ops import OPS, Op
 from gradiag.schemas.common import Health, NodeId, Number, Tensor, Thresholds, WireModel
 
 LEAF_OPS = tuple(ENGINE_LEAF_OPS)
 ALL_OPS = LEAF_OPS + tuple(OPS)
+GRADCHECK = EngineGradcheckOptions()  # the engine's defaults
 ARITY_WORDS = {1: "Unary", 2: "Binary", 3: "Ternary", 4: "Quaternary", 5: "Quinary"}
 
 
@@ -92,17 +94,25 @@ else:
 class GradcheckOptions(WireModel):
     """`"gradcheck": true` uses these defaults; an object sets any of them."""
 
-    step: float = Field(1e-5, gt=0.0, le=1.0, description="h of the centred difference")
+    step: float = Field(GRADCHECK.step, gt=0.0, le=1.0, description="h of the centred difference")
     tolerance: float = Field(
-        1e-6, ge=0.0, description="passed when the largest relative error is at most this"
+        GRADCHECK.tolerance,
+        ge=0.0,
+        description="passed when the largest relative error is at most this",
     )
     max_elements_per_node: int = Field(
-        64, ge=1, le=100_000, description="elements checked per leaf (a seeded sample beyond)"
+        GRADCHECK.max_elements_per_node,
+        ge=1,
+        le=100_000,
+        description="elements checked per leaf (a seeded sample beyond)",
     )
     max_evaluations: int = Field(
-        4096, ge=2, le=100_000, description="forward passes overall (two per element)"
+        GRADCHECK.max_evaluations,
+        ge=2,
+        le=100_000,
+        description="forward passes overall (two per element)",
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the element sample")
+    seed: int = Field(GRADCHECK.seed, ge=0, le=2**32 - 1, description="seeds the element sample")
 
 
 Gradcheck = Annotated[

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from gradiag.engine.network import ACTIVATION_OPS, DTYPES, INIT_SCALES, LOSS_OPS
 from gradiag.schemas.common import Health, Number, Tensor, Thresholds, WireModel
 from gradiag.schemas.graph import NodeReport
 
-Activation = Literal["relu", "leaky_relu", "sigmoid", "tanh", "linear"]
-Loss = Literal["mse", "softmax_cross_entropy", "svm_hinge", "sum"]
+# the engine's names (engine/network.py); the wire lists them, never again by hand
+if TYPE_CHECKING:
+    Activation = str
+    Loss = str
+    Scheme = str
+    Dtype = str
+else:
+    Activation = Literal[tuple(ACTIVATION_OPS)]
+    Loss = Literal[tuple(LOSS_OPS)]
+    Scheme = Literal[tuple(INIT_SCALES)]
+    Dtype = Literal[DTYPES]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="numpy default_rng seed")]
 
 
@@ -35,7 +45,7 @@ class InitSpec(WireModel):
     """Draws W = N(0, 1) * scale (biases 0): he sqrt(2 / fan_in), xavier sqrt(1 / fan_in),
     small 0.01, zeros 0."""
 
-    scheme: Literal["he", "xavier", "small", "zeros"] = "he"
+    scheme: Scheme = "he"
     seed: Seed = 0
 
 
@@ -98,7 +108,7 @@ class NetworkRequest(WireModel):
         description='with `include: ["gradients"]`: each node also has `role`, `inputs` and '
         "`local_grad`, as /v1/graph's `explain`",
     )
-    dtype: Literal["float64", "float32"] = "float64"
+    dtype: Dtype = "float64"
     thresholds: Thresholds = Thresholds()
 
 
