@@ -130,7 +130,19 @@ Layout = Annotated[
 ]
 
 
-class GraphRequest(WireModel):
+class RunOptions(WireModel):
+    """What every /v1/graph body may ask for beside its graph."""
+
+    gradcheck: Gradcheck = False
+    thresholds: Thresholds = Thresholds()
+    explain: bool = Field(
+        False,
+        description="add `explanation` (leaves ranked by gradient) and, in `nodes`, each "
+        "node's `role`, `inputs` and `local_grad`",
+    )
+
+
+class GraphRequest(RunOptions):
     """A computational graph. Nodes may come in any order; the graph must be acyclic."""
 
     nodes: Annotated[list[Node], Field(min_length=1)]
@@ -138,13 +150,10 @@ class GraphRequest(WireModel):
     output_grad: Tensor | None = Field(
         None, description="upstream gradient at the output (default: all ones)"
     )
-    gradcheck: Gradcheck = False
-    thresholds: Thresholds = Thresholds()
-    explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
     report: Layout = "nodes"
 
 
-class ExpressionRequest(WireModel):
+class ExpressionRequest(RunOptions):
     """The alternative body: an expression parsed (never evaluated) into a graph."""
 
     expression: str = Field(
@@ -157,9 +166,6 @@ class ExpressionRequest(WireModel):
     output_grad: Tensor | None = Field(
         None, description="upstream gradient at the output (default: all ones)"
     )
-    gradcheck: Gradcheck = False
-    thresholds: Thresholds = Thresholds()
-    explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
     report: Layout = "nodes"
 
 
@@ -260,7 +266,7 @@ class GraphColumns(WireModel):
     )
 
 
-class ColumnsRequest(WireModel):
+class ColumnsRequest(RunOptions):
     """The table body for big scalar graphs: columns in, columns out (see docs/api.md)."""
 
     columns: GraphColumns
@@ -270,9 +276,6 @@ class ColumnsRequest(WireModel):
     output_grad: Number | None = Field(
         None, description="upstream gradient at the output (default: 1)"
     )
-    gradcheck: Gradcheck = False
-    thresholds: Thresholds = Thresholds()
-    explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
     report: Layout = "columns"
     encoding: Literal["lists", "packed"] = Field(
         "lists",
