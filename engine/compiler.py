@@ -467,90 +467,70 @@ def _infer_shapes(
     (Python ints only), the work and size estimates, and which nodes are scalars of scalar
     operands (those the executor may batch). Checks the limits as it goes."""
     n = codes.size
-    names = table.names
-    all_batch = all(name in LEAF_OPS or OPS[name].batches for name in names)
-    checker = _SizeChecker(limits)
-    if not tensors and all_batch:  # a scalar graph: every node is a number, one op each
+    op_of = [OPS.get(name) for name in table.names]
+
+    def where(i: int) -> tuple[Loc, str | None]:
+        return table.locs.at(i if source is None else int(source[i])), ids[i] if ids else None
+
+    if not tensors and all(op is None or op.batches for op in op_of):
+        # a scalar graph: every node is a number, one operation each
         ops = int(np.count_nonzero(arity))
-        checker.check(n, ops, 1, lambda: (table.locs.at(n - 1)[:-1], None))
+        _check_sizes(limits, 1, n, ops, table.locs.at(n - 1)[:-1], None)
         return [()] * n, ops, n, 0, np.ones(n, bool)
     shapes: list[Shape] = []
     scalar = np.zeros(n, bool)
-    op_of = [OPS.get(name) for name in names]
+    total = flops = scratch = 0
+    max_tensor = limits.max_tensor_elements or math.inf  # a limit of 0 is none
+    max_total = limits.max_total_elements or math.inf
+    max_flops = limits.max_flops or math.inf
     for i, code in enumerate(codes.tolist()):
         op = op_of[code]
+        ins: list[Shape] = []
         if op is None:  # a leaf
             shape: Shape = tensors[i].shape if i in tensors else ()
-            scalar[i] = not shape
-            shapes.append(shape)
-            checker.add(math.prod(shape), 0, 0, lambda i=i: _where(table, source, ids, i))
-            continue
-        ins = [shapes[j] for j in operands[: arity[i], i].tolist()]
-        if op.batches and not any(ins):  # scalars in, a scalar out
-            scalar[i] = True
-            shapes.append(())
-            checker.add(1, 1, 0, lambda i=i: _where(table, source, ids, i))
-            continue
-        try:
-            shape = op.shape(*ins, **attrs[i])
-        except ShapeError as err:
-            loc, node = _where(table, source, ids, i)
-            name = f"node {node!r}" if node is not None else f"row {loc[-1]}"
-            raise ShapeError(f"{name} ({op.name}): {err.message}", loc=loc, node=node) from None
+            work = extra = 0
+        else:
+            ins = [shapes[j] for j in operands[: arity[i], i].tolist()]
+            if op.batches and not any(ins):  # scalars in, a scalar out
+                shape, work, extra = (), 1, 0
+            else:
+                try:
+                    shape = op.shape(*ins, **attrs[i])
+                except ShapeError as err:
+                    loc, node = where(i)
+                    name = f"node {node!r}" if node is not None else f"row {loc[-1]}"
+                    message = f"{name} ({op.name}): {err.message}"
+                    raise ShapeError(message, loc=loc, node=node) from None
+                work, extra = op.flops(ins, shape, **attrs[i]), op.scratch(ins, shape, **attrs[i])
         shapes.append(shape)
         scalar[i] = not shape and not any(ins)
-        work = op.flops(ins, shape, **attrs[i])
-        extra = op.scratch(ins, shape, **attrs[i])
-        checker.add(math.prod(shape), work, extra, lambda i=i: _where(table, source, ids, i))
-    return shapes, checker.flops, checker.total, checker.scratch, scalar
+        elements = math.prod(shape)
+        total, flops, scratch = total + elements, flops + work, max(scratch, extra)
+        if elements > max_tensor or total > max_total or flops > max_flops:
+            _check_sizes(limits, elements, total, flops, *where(i))
+    return shapes, flops, total, scratch, scalar
+
+
+def _check_sizes(
+    limits: Limits, elements: int, total: int, flops: int, loc: Loc, node: str | None
+) -> None:
+    brings = f"node {node!r} brings the" if node is not None else "the graph brings the"
+    check_limits(
+        [
+            ("max_tensor_elements", limits.max_tensor_elements, elements,
+             f"{brings} elements in one tensor to"),
+            ("max_total_elements", limits.max_total_elements, total,
+             f"{brings} elements in all tensors to"),
+            ("max_flops", limits.max_flops, flops,
+             f"{brings} estimated floating-point operations to"),
+        ],
+        loc=loc,
+        node=node,
+    )  # fmt: skip
 
 
 def _ranks(shapes: Sequence[Shape]) -> Array:
     return np.fromiter(map(len, shapes), np.intp, len(shapes))
-
-
-def _where(
-    table: Table, source: Array | None, ids: Sequence[str] | None, i: int
-) -> tuple[Loc, str | None]:
-    """The loc and id of program row i, for an error."""
-    row = i if source is None else int(source[i])
-    return table.locs.at(row), None if ids is None else ids[i]
-
-
-class _SizeChecker:
-    """Running totals of elements, flops and the largest scratch, against the limits."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.total = self.flops = self.scratch = 0
-        # a limit of 0 is no limit: compare against infinity
-        self.max_tensor = limits.max_tensor_elements or math.inf
-        self.max_total = limits.max_total_elements or math.inf
-        self.max_flops = limits.max_flops or math.inf
-
-    def add(self, elements: int, flops: int, scratch: int, where: Any) -> None:
-        self.total += elements
-        self.flops += flops
-        self.scratch = max(self.scratch, scratch)
-        if elements > self.max_tensor or self.total > self.max_total or self.flops > self.max_flops:
-            self.check(self.total, self.flops, elements, where)
-
-    def check(self, total: int, flops: int, elements: int, where: Any) -> None:
-        loc, node = where()
-        brings = f"node {node!r} brings the" if node is not None else "the graph brings the"
-        limits = self.limits
-        check_limits(
-            [
-                ("max_tensor_elements", limits.max_tensor_elements, elements,
-                 f"{brings} elements in one tensor to"),
-                ("max_total_elements", limits.max_total_elements, total,
-                 f"{brings} elements in all tensors to"),
-                ("max_flops", limits.max_flops, flops,
-                 f"{brings} estimated floating-point operations to"),
-            ],
-            loc=loc,
-            node=node,
-        )  # fmt: skip
 
 
 # --- front ends: lists of nodes --------------------------------------------------------

@@ -38,7 +38,7 @@ OPS["cube"] = Op(
 )
 '''
 
-PROBE = '''
+PROBE = """
 import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
@@ -84,7 +84,7 @@ for k in range(299, 0, -1):
     g *= 3 * 1.1 * chain[k - 1] ** 2
 out["chain"] = [float(result.grad(0)), g]
 print(json.dumps(out))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
