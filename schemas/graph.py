@@ -8,9 +8,19 @@ fields are the table's `Attr`s, with the forward's defaults. A new op row is a n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    RootModel,
+    Tag,
+    create_model,
+    with_config,
+)
+from typing_extensions import TypedDict
 
 from gradiag.engine.gradcheck import GradcheckOptions as EngineGradcheckOptions
 from gradiag.engine.ops import LEAF_OPS as ENGINE_LEAF_OPS
@@ -23,72 +33,78 @@ GRADCHECK = EngineGradcheckOptions()  # the engine's defaults
 ARITY_WORDS = {1: "Unary", 2: "Binary", 3: "Ternary", 4: "Quaternary", 5: "Quinary"}
 
 
-class NodeBase(WireModel):
-    """What every node has: an id and an op (each model narrows `op` to its tags)."""
-
-    id: NodeId
-    op: str
+# Nodes are TypedDicts, not models: a 100k-node body validates ~2.5x faster into dicts than
+# into a model instance per node, and the service reads them as columns anyway.
+WIRE = ConfigDict(strict=True, extra="forbid")
 
 
-class LeafNode(NodeBase):
+@with_config(WIRE)
+class LeafNode(TypedDict):
     """`input` (gets a gradient), `param` (gets one and counts as a parameter), `const`."""
 
+    id: NodeId
     op: Literal["input", "param", "const"]
     value: Tensor
-
-
-class OpAttrs(WireModel):
-    """An op's settings (frozen: the default instance is shared, never copied per node)."""
-
-    model_config = ConfigDict(frozen=True)
 
 
 def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-def _attrs_model(name: str, op: Op) -> type[OpAttrs]:
+def _typed_dict(name: str, doc: str, fields: dict[str, Any]) -> Any:
+    typed = TypedDict(name, fields)  # type: ignore[misc]
+    typed.__doc__ = doc
+    return with_config(WIRE)(typed)
+
+
+def _attrs_dict(name: str, op: Op) -> Any:
+    """An op's attrs: every one optional; an absent one takes the forward's default."""
     defaults = op.attr_defaults()
-    fields: dict[str, Any] = {
-        attr: (spec.kind, Field(defaults[attr], description=spec.doc))
+    fields = {
+        attr: NotRequired[
+            Annotated[spec.kind, Field(description=f"{spec.doc} (default {defaults[attr]!r})")]
+        ]
         for attr, spec in op.attrs.items()
     }
-    return create_model(name, __base__=OpAttrs, **fields)
+    return _typed_dict(name, f"The settings of `{op.name}`.", fields)
 
 
-def _node_model(ops: list[Op]) -> type[NodeBase]:
-    """The node model of ops with the same arity and attrs."""
+def _node_dict(ops: list[Op]) -> Any:
+    """The node shape of ops with the same arity and attrs."""
     first, names = ops[0], tuple(op.name for op in ops)
     stem = "".join(map(_camel, names)) if first.attrs else ARITY_WORDS[first.arity]
     fields: dict[str, Any] = {
-        "op": (Literal[names], ...),
-        "inputs": (
-            Annotated[list[NodeId], Field(min_length=first.arity, max_length=first.arity)],
-            Field(description="the operand ids, in order"),
-        ),
+        "id": NodeId,
+        "op": Literal[names],
+        "inputs": Annotated[
+            list[NodeId],
+            Field(
+                min_length=first.arity,
+                max_length=first.arity,
+                description="the operand ids, in order",
+            ),
+        ],
     }
     if first.attrs:
-        attrs = _attrs_model(f"{stem}Attrs", first)
-        fields["attrs"] = (attrs, attrs())
+        fields["attrs"] = NotRequired[_attrs_dict(f"{stem}Attrs", first)]
     meanings = "; ".join(f"`{op.name}`: {op.meaning}" for op in ops)
-    return create_model(f"{stem}Node", __base__=NodeBase, __doc__=meanings, **fields)
+    return _typed_dict(f"{stem}Node", meanings, fields)
 
 
-def _op_node_models() -> list[type[NodeBase]]:
+def _op_node_dicts() -> list[Any]:
     groups: dict[tuple[Any, ...], list[Op]] = {}
     for op in OPS.values():
         key = (op.arity, tuple((name, repr(spec.kind)) for name, spec in op.attrs.items()))
         groups.setdefault(key, []).append(op)
-    return [_node_model(ops) for ops in groups.values()]
+    return [_node_dict(ops) for ops in groups.values()]
 
 
-NODE_MODELS: tuple[type[NodeBase], ...] = (LeafNode, *_op_node_models())
-NODES_WITH_ATTRS = frozenset(m for m in NODE_MODELS if "attrs" in m.model_fields)
+NODE_SHAPES: tuple[Any, ...] = (LeafNode, *_op_node_dicts())
 
 if TYPE_CHECKING:
-    Node = NodeBase
+    Node = dict[str, Any]
 else:
-    Node = Annotated[Union[NODE_MODELS], Field(discriminator="op")]  # noqa: UP007
+    Node = Annotated[Union[NODE_SHAPES], Field(discriminator="op")]  # noqa: UP007
 
 
 class GradcheckOptions(WireModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,6 @@ from gradiag.engine.plan import first_seen_codes
 from gradiag.engine.tensors import to_array
 from gradiag.schemas.common import Thresholds as WireThresholds
 from gradiag.schemas.graph import (
-    NODES_WITH_ATTRS,
     ColumnsRequest,
     ExpressionRequest,
     GraphRequest,
@@ -55,41 +55,32 @@ def engine_limits(settings: Settings) -> Limits:
     )
 
 
-def node_attrs(node: Any) -> dict[str, Any]:
-    """A node's settings as the engine takes them: only those off their default."""
-    # a class lookup, not hasattr: a missing attribute costs Pydantic an exception
-    if type(node) in NODES_WITH_ATTRS:
-        attrs: dict[str, Any] = node.attrs.model_dump(exclude_defaults=True)
-        return attrs
-    return {}
-
-
 def nodes_table(request: GraphRequest) -> Table:
     """A nodes body as the compiler's table, a column at a time (C-level maps over the
-    nodes): a 100k-node scalar graph makes no object per node here. Tensor leaves become
-    arrays (a ragged list is a 422 at its value)."""
+    nodes, which are dicts): a 100k-node scalar graph makes no object per node here. Tensor
+    leaves become arrays (a ragged list is a 422 at its value)."""
     nodes = request.nodes
-    names, codes = first_seen_codes([node.op for node in nodes])
-    values: list[Any] = [getattr(node, "value", 0.0) for node in nodes]
+    names, codes = first_seen_codes(list(map(itemgetter("op"), nodes)))
+    values: list[Any] = list(map(methodcaller("get", "value", 0.0), nodes))
     kinds = set(map(type, values))
     tensors: dict[int, Array] = {}
     if list in kinds:
         for row, value in enumerate(values):
             if type(value) is list:
-                tensors[row] = to_array(value, ("nodes", row, "value"), node=nodes[row].id)
+                tensors[row] = to_array(value, ("nodes", row, "value"), node=nodes[row]["id"])
                 values[row] = 0.0
     if str in kinds:  # "NaN", "Infinity", "-Infinity": Python's float reads them
         values = [float(v) if type(v) is str else v for v in values]
-    with_attrs = not NODES_WITH_ATTRS.isdisjoint(set(map(type, nodes)))
+    attrs = list(map(methodcaller("get", "attrs"), nodes))
     return Table(
         names=names,
         codes=codes,
         scalars=np.fromiter(values, np.float64, len(values)),
         tensors=tensors,
         locs=RowLocs(("nodes",)),
-        references=[getattr(node, "inputs", ()) for node in nodes],
-        ids=[node.id for node in nodes],
-        attrs=[node_attrs(node) for node in nodes] if with_attrs else None,
+        references=list(map(methodcaller("get", "inputs", ()), nodes)),
+        ids=list(map(itemgetter("id"), nodes)),
+        attrs=attrs if any(attrs) else None,
     )
 
 
