@@ -1,36 +1,57 @@
-"""Read health off one forward/backward pass: dead ReLUs, saturated gates, non-finite values.
+"""Read health off one forward/backward pass: dead and saturated units, norms, non-finites.
 
-Nothing here computes a gradient; it only looks at the values and gradients `graph.run`
-produced, so the graph and network reports describe the same numbers they return.
+Nothing here computes a gradient; it only looks at the values and gradients the executor
+produced, so the reports describe the same numbers they return. The rules (docs/
+diagnostics.md has them with a worked example each):
+
+- An activation node (an op with a `gate` in the op table: relu, leaky_relu, sigmoid, tanh)
+  of rank >= 2 is a batch of units: axis `batch_axis` indexes the examples; for rank 2 every
+  other position is a unit, for rank >= 3 (N, C, H, W) a unit is a channel, the axis after
+  the batch axis. A unit is dead when its input is <= 0 for every example (and position);
+  saturated when its output is within eps of a bound for every one. A node of rank < 2 (or
+  not larger than `batch_axis`) has no batch axis: its elements are counted, never graded.
+- A relu none of whose paths to the output passes through an op with weights (matmul,
+  affine, conv2d) is a margin (a hinge's max(0, .)): counted, not graded.
+- Graded per node (network: per layer): `dead_relu` and `saturated_<op>` on the fraction of
+  units, `saturated_activations` on the fraction of elements (a layer 95% saturated with no
+  unit saturated on every example is not healthy).
+- Norms are exact for finite data (scaled as BLAS nrm2 is): never Infinity for finite data.
+- `nonfinite` names the first node, in topological order, whose value is not finite; when
+  every value is, the first non-finite gradient in backward order (where it came in).
+- At most `MAX_FINDINGS` findings are listed; beyond, one per code says how many more.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from operator import attrgetter
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from gradiag.engine.compiler import Program
 from gradiag.engine.executor import Result
-from gradiag.engine.ops import Array, all_finite
+from gradiag.engine.ops import OPS, Array, Op, all_finite
 
 SEVERITY_RANK = {"ok": 0, "warn": 1, "fail": 2}
+MAX_FINDINGS = 100
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Where findings start. Fractions are of units (network) or elements (graph)."""
+    """Where findings start. Fractions are of units, or of elements for
+    `saturated_activations`."""
 
     dead_warn: float = 0.10
     dead_fail: float = 0.50
     saturated_warn: float = 0.10
     saturated_fail: float = 0.50
     saturation_eps: float = 0.01
+    # the fraction of a layer's (node's) activations that are saturated
+    saturated_activations_warn: float = 0.25
+    saturated_activations_fail: float = 0.75
     # network: ||dW of layer 1|| / ||dW of the last layer|| below this is a vanishing gradient
     vanishing_ratio: float = 1e-3
     # a gradient norm (graph: of an input or param; network: of a layer's W) above this
@@ -38,46 +59,17 @@ class Thresholds:
 
 
 class Finding(NamedTuple):
-    """One health finding. A named tuple, not a frozen dataclass: a big scalar graph may
-    have a finding per node (11,700 dead ReLUs in a 100k-node one), and a frozen dataclass's
-    __init__ cost more than the rest of its diagnostics."""
+    """One health finding; `omitted` only on a summary of findings left out of the list (the
+    wire's `count`)."""
 
     code: str
     severity: str
     location: str
     message: str
-
-
-@dataclass
-class GateStats:
-    """Totals over every node of one kind (relu, sigmoid, tanh) in a graph."""
-
-    nodes: int = 0
-    elements: int = 0
-    flagged: int = 0  # dead (relu) or saturated (sigmoid, tanh) elements
-
-    @property
-    def fraction(self) -> float:
-        return self.flagged / self.elements if self.elements else 0.0
-
-
-@dataclass
-class GraphDiagnostics:
-    relu: GateStats
-    sigmoid: GateStats
-    tanh: GateStats
-    nonfinite_nodes: list[str]
-    parameter_tensors: int
-    parameter_total: int
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        return worst_status(self.findings)
+    omitted: int | None = None
 
 
 def worst_status(findings: Iterable[Finding]) -> str:
-    # the distinct severities first (a C-level pass): there may be a finding per node
     severities = set(map(attrgetter("severity"), findings))
     return max(severities, key=SEVERITY_RANK.__getitem__, default="ok")
 
@@ -88,20 +80,137 @@ def grade(fraction: float, warn: float, fail: float) -> str:
     return "warn" if fraction >= warn else "ok"
 
 
-def is_dead(pre_activation: Array) -> Array:
-    """A ReLU element is dead when its input is <= 0: its gradient is blocked."""
-    return np.asarray(pre_activation <= 0)
+def cap_findings(findings: Sequence[Finding], limit: int = MAX_FINDINGS) -> list[Finding]:
+    """The first `limit` findings, then one per code for the rest: how many, and the worst
+    severity among them (so the status stays the worst of all)."""
+    if len(findings) <= limit:
+        return list(findings)
+    left: dict[str, list[Finding]] = {}
+    for finding in findings[limit:]:
+        left.setdefault(finding.code, []).append(finding)
+    summaries = [
+        Finding(
+            code,
+            worst_status(group),
+            group[0].location,
+            f"{len(group)} more {code} findings, the first at {group[0].location!r}, are not "
+            f"listed: a report lists at most {limit} findings",
+            len(group),
+        )
+        for code, group in left.items()
+    ]
+    return [*findings[:limit], *summaries]
 
 
-def is_saturated(activation: Array, kind: str, eps: float) -> Array:
-    """Sigmoid output within eps of 0 or 1; tanh output within eps of -1 or 1."""
-    return np.asarray(_saturated(activation, kind, eps))
+# --- activations: dead and saturated units ------------------------------------------------
 
 
-def _saturated(activation: Any, kind: str, eps: float) -> Any:
-    """is_saturated's test, for an array or a Python float alike."""
-    low = 0.0 if kind == "sigmoid" else -1.0
-    return (activation < low + eps) | (activation > 1.0 - eps)
+@dataclass
+class Reading:
+    """One activation node (or layer) read: its elements and, with a batch axis, units."""
+
+    op: str
+    elements: int
+    flagged: int  # dead (dies, leaks) or saturated elements
+    units: int | None  # None: no batch axis (rank < 2), not graded as units
+    flagged_units: list[int] = field(default_factory=list)  # dead or saturated units
+
+    @property
+    def fraction(self) -> float:
+        return self.flagged / self.elements if self.elements else 0.0
+
+    @property
+    def unit_fraction(self) -> float:
+        return len(self.flagged_units) / self.units if self.units else 0.0
+
+
+def flagged(op: Op, pre: Array, post: Array, eps: float) -> Array:
+    """Which elements are dead (input <= 0: relu, leaky_relu) or saturated (output within
+    eps of one of the op's bounds: sigmoid, tanh)."""
+    if op.gate == "saturates":
+        assert op.bounds is not None
+        low, high = op.bounds
+        return np.asarray((post < low + eps) | (post > high - eps))
+    return np.asarray(pre <= 0)
+
+
+def unit_axes(ndim: int, batch_axis: int) -> tuple[int, ...] | None:
+    """The axes a unit is read over (a unit is flagged when flagged at all of them): the
+    batch axis for rank 2, every axis but the channel (the one after the batch axis) for
+    rank >= 3; None where there is no batch axis."""
+    if ndim < 2 or batch_axis >= ndim:
+        return None
+    if ndim == 2:
+        return (batch_axis,)
+    channel = (batch_axis + 1) % ndim
+    return tuple(axis for axis in range(ndim) if axis != channel)
+
+
+def read_activation(op: Op, pre: Array, post: Array, eps: float, batch_axis: int) -> Reading:
+    mask = flagged(op, pre, post, eps)
+    axes = unit_axes(mask.ndim, batch_axis)
+    reading = Reading(op.name, mask.size, int(np.count_nonzero(mask)), None)
+    if axes is not None:
+        per_unit = mask.all(axis=axes).reshape(-1)
+        reading.units = per_unit.size
+        reading.flagged_units = np.flatnonzero(per_unit).tolist()
+    return reading
+
+
+DEAD_RELU_ADVICE = (
+    "no gradient flows through dead units; lower the learning rate, "
+    "use leaky_relu, or initialise biases slightly positive"
+)
+SATURATION_ADVICE = {
+    "sigmoid": "saturated sigmoids pass almost no gradient; prefer tanh or relu, "
+    "or scale the inputs and weights down (Xavier init)",
+    "tanh": "saturated tanh units pass almost no gradient; scale the inputs and weights down "
+    "(Xavier init) or use relu",
+}
+
+
+def unit_findings(
+    reading: Reading, where: str, subject: str, thresholds: Thresholds
+) -> list[Finding]:
+    """The graded findings of one node or layer (`where`: its id or name; `subject`: how a
+    message names it, e.g. "relu node 'h'" or "layer1")."""
+    if reading.units is None:
+        return []
+    findings = []
+    units, count, fraction = reading.units, len(reading.flagged_units), reading.unit_fraction
+    if reading.op == "relu":
+        severity = grade(fraction, thresholds.dead_warn, thresholds.dead_fail)
+        if severity != "ok":
+            message = (
+                f"{count} of {units} relu units of {subject} ({fraction:.0%}) are dead (input "
+                f"<= 0 on every example): {DEAD_RELU_ADVICE}."
+            )
+            findings.append(Finding("dead_relu", severity, where, message))
+    if reading.op in SATURATION_ADVICE:
+        eps = thresholds.saturation_eps
+        advice = SATURATION_ADVICE[reading.op]
+        severity = grade(fraction, thresholds.saturated_warn, thresholds.saturated_fail)
+        if severity != "ok":
+            message = (
+                f"{count} of {units} {reading.op} units of {subject} ({fraction:.0%}) are "
+                f"saturated (within {eps:g} of a bound on every example): {advice}."
+            )
+            findings.append(Finding(f"saturated_{reading.op}", severity, where, message))
+        severity = grade(
+            reading.fraction,
+            thresholds.saturated_activations_warn,
+            thresholds.saturated_activations_fail,
+        )
+        if severity != "ok":
+            message = (
+                f"{reading.fraction:.0%} of the {reading.elements} {reading.op} activations of "
+                f"{subject} are saturated (within {eps:g} of a bound): {advice}."
+            )
+            findings.append(Finding("saturated_activations", severity, where, message))
+    return findings
+
+
+# --- norms and finiteness -----------------------------------------------------------------
 
 
 def is_finite(x: Array | None) -> bool:
@@ -177,63 +286,164 @@ def _chunked_sum_of_squares(flat: Array, shift: float) -> float:
     return total
 
 
-DEAD_RELU_ADVICE = (
-    "no gradient flows through dead units; lower the learning rate, "
-    "use leaky_relu, or initialise biases slightly positive"
-)
-SATURATION_ADVICE = {
-    "sigmoid": "saturated sigmoids pass almost no gradient; prefer tanh or relu, "
-    "or scale the inputs and weights down (Xavier init)",
-    "tanh": "saturated tanh units pass almost no gradient; scale the inputs and weights down "
-    "(Xavier init) or use relu",
-}
+def norm(x: Array) -> float:
+    """The 2-norm (Frobenius) of x, exact for finite data: sqrt(sum(x^2)) when that sum
+    neither overflows nor loses digits to underflow, else scaled by max|x| as BLAS nrm2
+    does (1e200 elements give ~1e200, never Infinity). NaN or Infinity only when x holds
+    them (NaN when it holds a NaN)."""
+    return norm_of_sum_of_squares(sum_of_squares(x), x)
 
 
-def graph_diagnostics(result: Result, thresholds: Thresholds) -> GraphDiagnostics:
-    """Gate stats and findings, non-finite nodes, exploding leaf gradients and parameter
-    counts of one run. Scalar nodes are read in whole-column passes over the executor's
-    flat arrays; tensor nodes one at a time."""
+def norm_of_sum_of_squares(total: float, x: Array) -> float:
+    """`norm(x)` given x's `sum_of_squares` already (the network reads each tensor once)."""
+    return math.sqrt(total) if _plain(total) else _scaled_norm(x)
+
+
+# Below this a float64 sum of squares may hold squares that lost digits (subnormal) or
+# flushed to 0; above it one may have overflowed.
+_PLAIN = (1e-280, 1e300)
+
+
+def _plain(total: float) -> bool:
+    return total == 0.0 or _PLAIN[0] < total < _PLAIN[1]
+
+
+def _scaled_norm(x: Array) -> float:
+    """max|x| * ||x / max|x|||, in float64 a chunk at a time; NaN and Infinity as data."""
+    flat = x.reshape(-1)
+    if flat.size == 0:
+        return 0.0
+    with np.errstate(all="ignore"):
+        if np.isnan(flat).any():
+            return math.nan
+        scale = float(np.max(np.abs(flat)))
+        if scale == 0.0 or not math.isfinite(scale):
+            return scale
+        total = 0.0
+        for start in range(0, flat.size, CHUNK):
+            part = flat[start : start + CHUNK].astype(np.float64) / scale
+            total += float(np.dot(part, part))
+    return scale * math.sqrt(total)
+
+
+# --- a graph -------------------------------------------------------------------------------
+
+
+@dataclass
+class KindStats:
+    """Totals over the activation nodes of one op (relu, sigmoid, tanh) in a graph."""
+
+    nodes: int = 0
+    elements: int = 0
+    flagged: int = 0  # dead (relu) or saturated (sigmoid, tanh) elements
+    units: int = 0  # of the nodes with a batch axis
+    flagged_units: int = 0
+    margins: int = 0  # relu nodes that are a margin, not hidden units
+
+    @property
+    def fraction(self) -> float:
+        return self.flagged / self.elements if self.elements else 0.0
+
+    @property
+    def unit_fraction(self) -> float:
+        return self.flagged_units / self.units if self.units else 0.0
+
+    def add(self, reading: Reading) -> None:
+        self.nodes += 1
+        self.elements += reading.elements
+        self.flagged += reading.flagged
+        if reading.units is not None:
+            self.units += reading.units
+            self.flagged_units += len(reading.flagged_units)
+
+
+GRAPH_KINDS = ("relu", "sigmoid", "tanh")
+
+
+@dataclass
+class GraphDiagnostics:
+    kinds: dict[str, KindStats]
+    nonfinite_nodes: list[str]
+    parameter_tensors: int
+    parameter_total: int
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return worst_status(self.findings)
+
+
+def graph_diagnostics(
+    result: Result, thresholds: Thresholds, *, batch_axis: int = 0
+) -> GraphDiagnostics:
+    """Per-kind stats and graded findings of the activation nodes, non-finite nodes,
+    exploding leaf gradients and parameter counts of one run. Scalar nodes are read in
+    whole-column passes over the executor's flat arrays; tensor nodes one at a time."""
     program = result.program
-    values, grads = result.scalar_values, result.scalar_grads
     scalar = program.ranks == 0
-    gates = {"relu": GateStats(), "sigmoid": GateStats(), "tanh": GateStats()}
-    found: list[tuple[Array, str, tuple[str, str, str]]] = []  # (rows, op, verdict)
-    for op, stats in gates.items():
-        rows = program.rows_of(op)
-        at = rows[scalar[rows]]
-        if op == "relu":
-            flagged = is_dead(values[program.operands[0, at]])
-        else:
-            flagged = is_saturated(values[at], op, thresholds.saturation_eps)
-        stats.nodes = stats.elements = at.size
-        stats.flagged = int(np.count_nonzero(flagged))
-        for count, where in ((1, at[flagged]), (0, at[~flagged])):  # a scalar: 1 of 1, or 0
-            verdict = _gate_verdict(op, count, 1, thresholds)
-            if verdict is not None and where.size:
-                found.append((where, op, verdict))
+    kinds = {name: KindStats() for name in GRAPH_KINDS}
+    graded: list[tuple[int, Finding]] = []  # (row, finding): listed in row order
+    gated = [name for name in program.names if name in kinds]
+    margins = _margins(program) if (program.rows_of("relu").size and not scalar.all()) else None
+    for name in gated:
+        stats, op = kinds[name], OPS[name]
+        rows = program.rows_of(name)
+        _count_scalars(result, op, rows[scalar[rows]], stats, thresholds.saturation_eps)
         for i in rows[~scalar[rows]].tolist():
-            count, size = _flagged_elements(result, i, op, thresholds.saturation_eps)
-            stats.nodes += 1
-            stats.elements += size
-            stats.flagged += count
-            verdict = _gate_verdict(op, count, size, thresholds)
-            if verdict is not None:
-                found.append((np.array([i]), op, verdict))
-    findings = _gate_findings(program, found)
-    nonfinite = _nonfinite_rows(result, values, grads, scalar)
+            pre = result.value(int(program.operands[0, i]))
+            reading = read_activation(op, pre, result.value(i), thresholds.saturation_eps,
+                                      batch_axis)  # fmt: skip
+            stats.add(reading)
+            if margins is not None and name == "relu" and margins[i]:
+                stats.margins += 1
+                continue
+            node = program.node_id(i)
+            subject = f"{name} node {node!r}"
+            graded += [(i, f) for f in unit_findings(reading, node, subject, thresholds)]
+    findings = [finding for _, finding in sorted(graded, key=lambda pair: pair[0])]
+    nonfinite = _nonfinite_rows(result, scalar)
     if nonfinite.size:
-        findings.append(_nonfinite_finding(result, int(nonfinite[0]), nonfinite.size))
+        findings.append(nonfinite_finding(result, nonfinite, program.node_id))
     params = program.rows_of("param")
-    findings += _exploding_leaves(result, grads, scalar, thresholds)
+    findings += _exploding_leaves(result, scalar, thresholds)
     return GraphDiagnostics(
-        relu=gates["relu"],
-        sigmoid=gates["sigmoid"],
-        tanh=gates["tanh"],
+        kinds=kinds,
         nonfinite_nodes=program.node_ids(nonfinite),
         parameter_tensors=params.size,
         parameter_total=_elements(program, params, scalar),
-        findings=findings,
+        findings=cap_findings(findings),
     )
+
+
+def _count_scalars(result: Result, op: Op, rows: Array, stats: KindStats, eps: float) -> None:
+    """Scalar activation nodes: their elements counted in one pass; never graded."""
+    if not rows.size:
+        return
+    values = result.scalar_values
+    pre = values[result.program.operands[0, rows]]
+    mask = flagged(op, pre, values[rows], eps)
+    stats.nodes += rows.size
+    stats.elements += rows.size
+    stats.flagged += int(np.count_nonzero(mask))
+
+
+def _margins(program: Program) -> Array:
+    """By row: True where no path from the node to the output passes through an op with
+    weights (matmul, affine, conv2d): a relu there is a margin, not a hidden unit. One walk
+    in reverse topological order from the output (nodes it does not reach: True)."""
+    n = len(program)
+    reached = [False] * n
+    weighted_after = [False] * n  # some path to the output passes a weighted op after it
+    reached[program.output] = True
+    for i in range(program.output, -1, -1):
+        if not reached[i]:
+            continue
+        op = OPS.get(program.op(i))
+        through = weighted_after[i] or (op is not None and op.weighted)
+        for j in program.inputs(i):
+            reached[j] = True
+            weighted_after[j] = weighted_after[j] or through
+    return ~np.array(weighted_after, bool)
 
 
 def _elements(program: Program, rows: Array, scalar: Array) -> int:
@@ -242,125 +452,72 @@ def _elements(program: Program, rows: Array, scalar: Array) -> int:
     return int(np.count_nonzero(scalar[rows])) + sum(program.tensors[i].size for i in tensors)
 
 
-def _flagged_elements(result: Result, i: int, op: str, eps: float) -> tuple[int, int]:
-    """(dead or saturated elements, elements) of tensor gate node i."""
-    x = result.value(int(result.program.operands[0, i])) if op == "relu" else result.value(i)
-    flagged = is_dead(x) if op == "relu" else is_saturated(x, op, eps)
-    return int(np.count_nonzero(flagged)), flagged.size
-
-
-def _nonfinite_rows(result: Result, values: Array, grads: Array, scalar: Array) -> Array:
+def _nonfinite_rows(result: Result, scalar: Array) -> Array:
     """The rows whose value or gradient holds NaN or Infinity, ascending."""
     program = result.program
     with_grad = np.ones(len(program), bool)
     with_grad[program.rows_of("const")] = False
     with_grad[list(program.no_grad)] = False
+    values, grads = result.scalar_values, result.scalar_grads
     bad = scalar & ~(np.isfinite(values) & (np.isfinite(grads) | ~with_grad))
     for i in np.flatnonzero(~scalar).tolist():
         bad[i] = not (is_finite(result.value(i)) and is_finite(result.grad(i)))
     return np.flatnonzero(bad)
 
 
-def _exploding_leaves(
-    result: Result, grads: Array, scalar: Array, thresholds: Thresholds
-) -> list[Finding]:
+def nonfinite_origin(result: Result, rows: Array) -> tuple[int, str]:
+    """Of the non-finite `rows` (ascending): the first whose value is not finite, in
+    topological order; when every value is finite, the last whose gradient is not (the
+    first in backward order: where the NaN or Infinity came into the backward pass)."""
+    for i in rows.tolist():
+        if not is_finite(result.value(i)):
+            return i, "value"
+    return int(rows[-1]), "gradient"
+
+
+def nonfinite_finding(result: Result, rows: Array, name_of: Callable[[int], str]) -> Finding:
+    """The `nonfinite` finding: where it starts (`name_of(row)`: its location)."""
+    i, where = nonfinite_origin(result, rows)
+    program = result.program
+    node = program.node_id(i)
+    if where == "value":
+        start = f"a non-finite value first appears at node {node!r} ({program.op(i)})"
+        look = (
+            "look for overflow (exp, pow, huge weights), log or sqrt of values <= 0, or "
+            "division by zero there"
+        )
+    else:
+        start = (
+            f"every value is finite; a non-finite gradient first appears, going backward "
+            f"from the output, at node {node!r} ({program.op(i)})"
+        )
+        look = "look for a gradient that overflows there (huge weights or upstream gradients)"
+    message = f"{start}; {rows.size} node(s) hold NaN or Infinity: {look}."
+    return Finding("nonfinite", "fail", name_of(i), message)
+
+
+def _exploding_leaves(result: Result, scalar: Array, thresholds: Thresholds) -> list[Finding]:
     """An input or param whose gradient has a finite norm above `exploding_norm`."""
     program = result.program
-    findings = []
     leaves = program.rows_of("input", "param")
     scalar_leaves = leaves[scalar[leaves]]
     with np.errstate(invalid="ignore"):
-        magnitudes = np.abs(grads[scalar_leaves])
+        magnitudes = np.abs(result.scalar_grads[scalar_leaves])
         steep = np.isfinite(magnitudes) & (magnitudes > thresholds.exploding_norm)
     norms = dict(zip(scalar_leaves[steep].tolist(), magnitudes[steep].tolist(), strict=True))
     for i in leaves[~scalar[leaves]].tolist():
         grad = result.grad(i)
-        norm = None if grad is None else _finite_norm(grad)
-        if norm is not None and norm > thresholds.exploding_norm:
-            norms[i] = norm
-    for i in sorted(norms):
-        findings.append(_exploding(program.node_id(i), norms[i], thresholds))
-    return findings
+        size = norm(grad) if grad is not None else math.nan
+        if math.isfinite(size) and size > thresholds.exploding_norm:
+            norms[i] = size
+    return [exploding_finding(program.node_id(i), norms[i], thresholds) for i in sorted(norms)]
 
 
-def _gate_finding(node: str, op: str, verdict: tuple[str, str, str]) -> Finding:
-    code, severity, text = verdict
-    return Finding(code, severity, node, f"{op} node {node!r}: {text}")
-
-
-def _gate_verdict(
-    op: str, count: int, size: int, thresholds: Thresholds
-) -> tuple[str, str, str] | None:
-    """(code, severity, message after the node's name) of a gate node with `count` of its
-    `size` elements flagged; None when that is healthy."""
-    fraction = count / size if size else 0.0
-    if op == "relu":
-        severity = grade(fraction, thresholds.dead_warn, thresholds.dead_fail)
-        code, what, advice = "dead_relu", "dead (input <= 0)", DEAD_RELU_ADVICE
-    else:
-        severity = grade(fraction, thresholds.saturated_warn, thresholds.saturated_fail)
-        code, what = f"saturated_{op}", f"saturated (within {thresholds.saturation_eps} of a bound)"
-        advice = SATURATION_ADVICE[op]
-    if severity == "ok":
-        return None
-    return code, severity, f"{count} of {size} elements ({fraction:.0%}) are {what}; {advice}."
-
-
-def _gate_findings(
-    program: Program, found: list[tuple[Array, str, tuple[str, str, str]]]
-) -> list[Finding]:
-    """A finding per row of each (rows, op, verdict) group, in row order. A big graph may
-    have a finding per node: the ids are named once for all rows, each group's code,
-    severity and message text made once, and per row only the message and the tuple."""
-    if not found:
-        return []
-    at = np.concatenate([where for where, _, _ in found])
-    group = np.repeat(np.arange(len(found)), [where.size for where, _, _ in found])
-    order = np.argsort(at, kind="stable")
-    names = program.node_ids(at[order])
-    parts = [
-        (code, severity, f"{op} node ", f": {text}") for _, op, (code, severity, text) in found
-    ]
-    fields = (
-        (code, severity, name, f"{before}{name!r}{after}")
-        for (code, severity, before, after), name in zip(
-            map(parts.__getitem__, group[order].tolist()), names, strict=True
-        )
-    )
-    # Finding._make without its Python frame per row (tuple.__new__ is what it calls)
-    return list(map(tuple.__new__, repeat(Finding), fields))
-
-
-def _nonfinite_finding(result: Result, i: int, count: int) -> Finding:
-    first = result.program.node_id(i)
-    where = "value" if not is_finite(result.value(i)) else "gradient"
-    return Finding(
-        "nonfinite",
-        "fail",
-        first,
-        f"a non-finite {where} first appears at node {first!r} ({result.program.op(i)}); "
-        f"{count} node(s) hold NaN or Infinity. Look for overflow (exp, pow), log or sqrt of "
-        "values <= 0, or division by zero there.",
-    )
-
-
-def _finite_norm(grad: Array) -> float | None:
-    """np.linalg.norm of a finite gradient (None when it is not finite). A float64 scalar's
-    is the same sqrt(g * g) in Python floats: np.linalg.norm costs ~3 us a call."""
-    if grad.ndim == 0 and grad.dtype == np.float64:
-        g = float(grad)
-        return math.sqrt(g * g) if math.isfinite(g) else None  # g * g may overflow: inf
-    if not is_finite(grad):
-        return None
-    with np.errstate(over="ignore"):
-        return float(np.linalg.norm(grad))
-
-
-def _exploding(node: str, norm: float, thresholds: Thresholds) -> Finding:
+def exploding_finding(node: str, size: float, thresholds: Thresholds) -> Finding:
     return Finding(
         "exploding_gradient",
         "warn",
         node,
-        f"the gradient of {node!r} has norm {norm:.3g}, above {thresholds.exploding_norm:g}; "
+        f"the gradient of {node!r} has norm {size:.3g}, above {thresholds.exploding_norm:g}; "
         "lower the learning rate, clip gradients, or scale the inputs down.",
     )

@@ -41,6 +41,10 @@ Needs = tuple[bool, ...]
 # Where a centred difference is not a derivative: the sign of operand 0 ("x": relu, abs) or
 # of operand 0 - operand 1 ("a-b": a max/min tie).
 Kink = Literal["x", "a-b"]
+# How an activation's units go bad: "dies" (relu: its input <= 0 blocks the gradient),
+# "leaks" (leaky_relu: the same test, but alpha still passes), "saturates" (its output
+# within eps of one of its `bounds`).
+Gate = Literal["dies", "leaks", "saturates"]
 
 
 SMALL = 4096  # elements: below this, per-call overhead decides, not memory traffic
@@ -116,6 +120,9 @@ class Op:
     # The op has weights among its operands (matmul, affine): a relu feeding one, on some
     # path to the output, is a hidden unit; one that does not is a margin (a hinge's max).
     weighted: bool = False
+    # An activation's diagnostics: how its units go bad, and a saturating one's bounds.
+    gate: Gate | None = None
+    bounds: tuple[float, float] | None = None
 
     def attr_defaults(self) -> dict[str, Any]:
         """Each attr's default: the forward's own keyword default."""
@@ -575,7 +582,11 @@ def softmax_cross_entropy_backward(dout: Array, cache: Cache) -> Grads:
 
 
 def svm_hinge_forward(scores: Array, labels: Array) -> tuple[Array, Cache]:
-    """scores: (N, C); labels: (N,). Mean over rows of sum_{j != y} max(0, s_j - s_y + 1)."""
+    """scores: (N, C); labels: (N,). Mean over rows of sum_{j != y} max(0, s_j - s_y + 1).
+    With one class (C = 1) the binary hinge: labels in {-1, +1}, mean of max(0, 1 - y s)
+    (micrograd's demo loss)."""
+    if scores.shape[1] == 1:
+        return binary_hinge_forward(scores, labels)
     y = _class_labels(scores, labels)
     rows = np.arange(scores.shape[0])
     margins = np.maximum(0.0, scores - scores[rows, y][:, np.newaxis] + 1.0)
@@ -584,10 +595,60 @@ def svm_hinge_forward(scores: Array, labels: Array) -> tuple[Array, Cache]:
 
 
 def svm_hinge_backward(dout: Array, cache: Cache) -> Grads:
+    if len(cache) == 2:
+        return binary_hinge_backward(dout, cache)
     positive, rows, y = cache
     dscores = positive.astype(dout.dtype)
     dscores[rows, y] = -np.sum(positive, axis=1)
     return dout * dscores / len(rows), None
+
+
+def binary_hinge_forward(scores: Array, labels: Array) -> tuple[Array, Cache]:
+    """scores: (N, 1); labels: (N,) in {-1, +1}. Mean over rows of max(0, 1 - y s)."""
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~((labels == 1) | (labels == -1)))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueDomainError(
+            f"label {float(labels[row])!r} at row {row} is not -1 or +1 (one output: the "
+            "binary hinge)"
+        )
+    margins = 1.0 - labels * scores[:, 0]
+    loss = np.asarray(np.mean(np.maximum(0.0, margins)))
+    return loss, (margins > 0, labels)  # margin 0: no gradient
+
+
+def binary_hinge_backward(dout: Array, cache: Cache) -> Grads:
+    violated, labels = cache
+    dscores = np.where(violated, -labels, 0.0)[:, np.newaxis] / len(labels)
+    return (dout * dscores).astype(labels.dtype, copy=False), None
+
+
+def logits_loss_shape(scores: Shape, targets: Shape) -> Shape:
+    """Targets of the scores' shape, or (N,) for scores (N, 1)."""
+    if targets != scores and not (len(scores) == 2 and scores[1] == 1 and targets == scores[:1]):
+        raise ShapeError(
+            f"targets must have the scores' shape {list(scores)} (or (N,) for one unit), "
+            f"got {list(targets)}"
+        )
+    return ()
+
+
+def bce_with_logits_forward(scores: Array, targets: Array) -> tuple[Array, Cache]:
+    """Binary cross-entropy on raw scores, mean over elements, computed stably:
+    max(s, 0) - s y + log(1 + exp(-|s|))."""
+    y = targets.reshape(scores.shape)
+    losses = np.maximum(scores, 0.0) - scores * y + np.log1p(np.exp(-np.abs(scores)))
+    return np.mean(losses), (scores, y, targets.shape)
+
+
+def bce_with_logits_backward(dout: Array, cache: Cache) -> Grads:
+    """d/ds = (sigmoid(s) - y) / n; d/dy = -s / n."""
+    scores, y, target_shape = cache
+    s, _ = sigmoid_forward(scores)
+    dscores = dout * (s - y) / scores.size
+    dtargets = (dout * -scores / scores.size).reshape(target_shape)
+    return dscores, dtargets
 
 
 # --- the table --------------------------------------------------------------------------
@@ -635,16 +696,17 @@ _TABLE: list[Op] = [
        role=_LOCAL, batches=True),
     Op("relu", 1, "max(0, x) (relu'(0) = 0)", relu_forward, relu_backward, same_shape,
        role="relu gate: passes the gradient where x > 0 and blocks it elsewhere", kink="x",
-       batches=True, scales=True),
+       batches=True, scales=True, gate="dies"),
     Op("leaky_relu", 1, "x if x > 0 else alpha * x", leaky_relu_forward, leaky_relu_backward,
        same_shape, attrs={"alpha": Attr(float, "the slope for x <= 0")},
        role="passes the gradient where x > 0 and scales it by alpha elsewhere", kink="x",
-       batches=True, scales=True),
+       batches=True, scales=True, gate="leaks"),
     Op("sigmoid", 1, "1 / (1 + e^-x), computed stably", sigmoid_forward, sigmoid_backward,
        same_shape, role="sigmoid gate: scales the gradient by s * (1 - s)", batches=True,
-       scales=True),
+       scales=True, gate="saturates", bounds=(0.0, 1.0)),
     Op("tanh", 1, "hyperbolic tangent", tanh_forward, tanh_backward, same_shape,
-       role="tanh gate: scales the gradient by 1 - t^2", batches=True, scales=True),
+       role="tanh gate: scales the gradient by 1 - t^2", batches=True, scales=True,
+       gate="saturates", bounds=(-1.0, 1.0)),
     Op("matmul", 2, "matrix product a @ b (NumPy rules)", matmul_forward, matmul_backward,
        matmul_shape, flops=matmul_flops,
        role="matmul gate: da = g @ b.T, db = a.T @ g (each input scaled by the other: swap)",
@@ -670,9 +732,15 @@ _TABLE: list[Op] = [
        softmax_cross_entropy_forward, softmax_cross_entropy_backward, class_loss_shape,
        role="loss: d/dscores = (softmax - onehot) / N; labels get no gradient"),
     Op("svm_hinge", 2,
-       "loss: mean over rows of sum over wrong classes of max(0, s_j - s_label + 1)",
+       "loss: mean over rows of sum over wrong classes of max(0, s_j - s_label + 1); with "
+       "one class, the binary hinge mean(max(0, 1 - y s)), labels in {-1, +1}",
        svm_hinge_forward, svm_hinge_backward, class_loss_shape,
        role="loss: +1 per violated margin, -count at the label, / N; labels get no gradient"),
+    Op("bce_with_logits", 2,
+       "loss: mean over elements of binary cross-entropy on raw scores; targets in [0, 1], "
+       "the scores' shape or (N,) for one unit",
+       bce_with_logits_forward, bce_with_logits_backward, logits_loss_shape,
+       role="loss: d/dscores = (sigmoid(scores) - targets) / n"),
 ]  # fmt: skip
 
 OPS: dict[str, Op] = {op.name: op for op in _TABLE}

@@ -48,6 +48,14 @@ class Thresholds(WireModel):
     saturated_fail: Fraction = Field(
         DEFAULTS.saturated_fail, description="saturated fraction that fails"
     )
+    saturated_activations_warn: Fraction = Field(
+        DEFAULTS.saturated_activations_warn,
+        description="fraction of a layer's (node's) activations saturated that warns",
+    )
+    saturated_activations_fail: Fraction = Field(
+        DEFAULTS.saturated_activations_fail,
+        description="fraction of a layer's (node's) activations saturated that fails",
+    )
     saturation_eps: float = Field(
         DEFAULTS.saturation_eps,
         gt=0.0,
@@ -66,12 +74,18 @@ class Thresholds(WireModel):
 
 class Finding(BaseModel):
     code: str = Field(
-        description="dead_relu, saturated_sigmoid, saturated_tanh, "
-        "vanishing_gradient, exploding_gradient, nonfinite, ..."
+        description="dead_relu, saturated_sigmoid, saturated_tanh, saturated_activations, "
+        "vanishing_gradient, exploding_gradient, nonfinite, dead_relu_onset, update_ratio, "
+        "diverged"
     )
     severity: Literal["warn", "fail"]
     location: str = Field(description="the node id or layer (layer1, ...) at fault")
     message: str
+    count: int | None = Field(
+        None,
+        description="on a summary finding only: how many findings of its code were left out "
+        "(a report lists at most 100 findings)",
+    )
 
 
 class Health(BaseModel):

@@ -151,6 +151,13 @@ class RunOptions(WireModel):
 
     gradcheck: Gradcheck = False
     thresholds: Thresholds = Thresholds()
+    batch_axis: int = Field(
+        0,
+        ge=0,
+        le=31,
+        description="the axis of an activation node (rank >= 2) that indexes the examples; "
+        "the other positions are its units (rank 2) or the axis after it its channels",
+    )
     explain: bool = Field(
         False,
         description="add `explanation` (leaves ranked by gradient) and, in `nodes`, each "
@@ -367,8 +374,15 @@ class Parameters(BaseModel):
 class ReluStats(BaseModel):
     nodes: int
     elements: int
-    dead_elements: int
+    dead_elements: int = Field(description="elements whose input is <= 0 (inactive)")
     dead_fraction: float
+    units: int = Field(description="units of the nodes with a batch axis (rank >= 2)")
+    dead_units: int = Field(description="units whose input is <= 0 on every example")
+    dead_unit_fraction: float
+    margin_nodes: int = Field(
+        description="relu nodes with no op with weights after them on any path to the "
+        "output (a hinge's max(0, .)): counted, not graded"
+    )
 
 
 class SaturationStats(BaseModel):
@@ -376,6 +390,9 @@ class SaturationStats(BaseModel):
     elements: int
     saturated_elements: int
     saturated_fraction: float
+    units: int = Field(description="units of the nodes with a batch axis (rank >= 2)")
+    saturated_units: int = Field(description="units saturated on every example")
+    saturated_unit_fraction: float
 
 
 class Diagnostics(BaseModel):

@@ -149,7 +149,9 @@ def diagnose(
     program = body_program(body, limits, max_expression_chars=max_expression_chars)
     output_grad = None if body.output_grad is None else to_array(body.output_grad, ("output_grad",))
     result = run(program, output_grad, deadline=deadline)
-    diagnostics = graph_diagnostics(result, engine_thresholds(body.thresholds))
+    diagnostics = graph_diagnostics(
+        result, engine_thresholds(body.thresholds), batch_axis=body.batch_axis
+    )
     check = None
     if body.gradcheck is not False:
         options = gradcheck_options(body.gradcheck, program, limits)

@@ -97,7 +97,7 @@ class ReportSummary(NamedTuple):
 
     @classmethod
     def of_graph(cls, nodes: int, diagnostics: GraphDiagnostics) -> ReportSummary:
-        relu, sigmoid, tanh = diagnostics.relu, diagnostics.sigmoid, diagnostics.tanh
+        relu, sigmoid, tanh = (diagnostics.kinds[kind] for kind in ("relu", "sigmoid", "tanh"))
         gate_elements = sigmoid.elements + tanh.elements
         return cls(
             kind="graph",

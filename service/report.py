@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from gradiag.engine import OPS, GraphDiagnostics, Result
-from gradiag.engine.diagnostics import Finding, GateStats
+from gradiag.engine.diagnostics import Finding, KindStats
 from gradiag.engine.explain import explain_leaves, local_grads
 from gradiag.engine.gradcheck import GradcheckResult
 from gradiag.engine.tensors import to_wire
@@ -17,13 +17,20 @@ from gradiag.service.packed import pack_floats
 
 
 def health(findings: list[Finding], status: str) -> dict[str, Any]:
-    return {
-        "status": status,
-        "findings": [  # unpacked: a big scalar graph may have a finding per node
-            {"code": code, "severity": severity, "location": location, "message": message}
-            for code, severity, location, message in findings
-        ],
+    return {"status": status, "findings": [finding_report(finding) for finding in findings]}
+
+
+def finding_report(finding: Finding) -> dict[str, Any]:
+    code, severity, location, message, count = finding
+    report: dict[str, Any] = {
+        "code": code,
+        "severity": severity,
+        "location": location,
+        "message": message,
     }
+    if count is not None:
+        report["count"] = count
+    return report
 
 
 _ABSENT = object()  # a row without a gradient: no `grad` key (None would be `null`)
@@ -180,7 +187,7 @@ def graph_report(
     `encoding` "packed" writes its value and grad as base64 float64 arrays."""
     program = result.program
     out = program.output
-    relu, sigmoid, tanh = diagnostics.relu, diagnostics.sigmoid, diagnostics.tanh
+    relu, sigmoid, tanh = (diagnostics.kinds[kind] for kind in ("relu", "sigmoid", "tanh"))
     report: dict[str, Any] = {
         "output": {
             "id": program.node_id(out),
@@ -202,6 +209,10 @@ def graph_report(
                 "elements": relu.elements,
                 "dead_elements": relu.flagged,
                 "dead_fraction": relu.fraction,
+                "units": relu.units,
+                "dead_units": relu.flagged_units,
+                "dead_unit_fraction": relu.unit_fraction,
+                "margin_nodes": relu.margins,
             },
             "sigmoid": _saturation(sigmoid),
             "tanh": _saturation(tanh),
@@ -270,10 +281,13 @@ def explanation(result: Result) -> dict[str, Any]:
     }
 
 
-def _saturation(stats: GateStats) -> dict[str, Any]:
+def _saturation(stats: KindStats) -> dict[str, Any]:
     return {
         "nodes": stats.nodes,
         "elements": stats.elements,
         "saturated_elements": stats.flagged,
         "saturated_fraction": stats.fraction,
+        "units": stats.units,
+        "saturated_units": stats.flagged_units,
+        "saturated_unit_fraction": stats.unit_fraction,
     }
