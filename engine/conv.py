@@ -38,6 +38,13 @@ Grads = tuple[Array | None, ...]
 Needs = tuple[bool, ...]
 Pair = int | Sequence[int]
 
+
+def _numpy_buffers() -> int:
+    """Elements NumPy's ufunc machinery may allocate for buffering strided operands: up to
+    `np.getbufsize()` (8192 by default) per operand of a call, whatever the array sizes."""
+    return 4 * np.getbufsize()
+
+
 # --- window geometry --------------------------------------------------------------------
 
 
@@ -228,13 +235,14 @@ def conv2d_flops(ins: Sequence[Shape], out: Shape, stride: Pair = 1, padding: Pa
 
 
 def conv2d_scratch(ins: Sequence[Shape], out: Shape, stride: Pair = 1, padding: Pair = 0) -> int:
-    """The padded input copy, the columns (kept in the cache until backward), their gradient
-    dcols, and the per-image dW products (N, F, C*kh*kw) summed into dW."""
+    """The columns (N, C*kh*kw, Ho*Wo), cached from forward to backward, plus the larger of
+    forward's padded input copy and backward's dcols with the per-image dW products
+    (N, F, C*kh*kw) summed into dW."""
     x, W = ins[0], ins[1]
     ph, pw = _pair(padding, "padding")
     padded = x[0] * x[1] * (x[2] + 2 * ph) * (x[3] + 2 * pw) if ph or pw else 0
     columns = out[0] * math.prod(W[1:]) * math.prod(out[2:])
-    return padded + 2 * columns + out[0] * math.prod(W)
+    return columns + max(padded, columns + out[0] * math.prod(W)) + _numpy_buffers()
 
 
 # --- pooling ----------------------------------------------------------------------------
@@ -330,17 +338,20 @@ def maxpool2d_backward(dout: Array, cache: Cache) -> Grads:
     return (dx.astype(dout.dtype, copy=False).reshape(x_shape),)
 
 
-def pool_flops(
+def _pool_flops(ins: Sequence[Shape], out: Shape, kernel: Pair) -> int:
+    """A few passes per window cell forward (compare or add), one add per cell backward."""
+    kh, kw = _pair(kernel, "kernel")
+    return 4 * kh * kw * math.prod(out) + math.prod(ins[0])
+
+
+def maxpool2d_flops(
     ins: Sequence[Shape],
     out: Shape,
     kernel: Pair = 2,
     stride: Pair | None = None,
     padding: Pair = 0,
-    count_include_pad: bool = True,
 ) -> int:
-    """A few passes per window cell forward (compare or add), one add per cell backward."""
-    kh, kw = _pair(kernel, "kernel")
-    return 4 * kh * kw * math.prod(out) + math.prod(ins[0])
+    return _pool_flops(ins, out, kernel)
 
 
 def maxpool2d_scratch(
@@ -350,14 +361,17 @@ def maxpool2d_scratch(
     stride: Pair | None = None,
     padding: Pair = 0,
 ) -> int:
-    """The padded copy, the offset-major window copy (kh*kw per output), two comparison
-    masks, the winners (cached) and their flat indices, and bincount's float64 result."""
+    """The winners (cached), plus the larger of forward's padded copy, offset-major window
+    copy (kh*kw per output) and comparison masks, and backward's flat indices and bincount's
+    float64 result (x's size)."""
     kh, kw = _pair(kernel, "kernel")
     ph, pw = _pair(padding, "padding")
     x = ins[0]
     padded = x[0] * x[1] * (x[2] + 2 * ph) * (x[3] + 2 * pw) if ph or pw else 0
     outputs = math.prod(out)
-    return padded + kh * kw * outputs + 4 * outputs + math.prod(x)
+    forward = padded + (kh * kw + 2) * outputs
+    backward = outputs + math.prod(x)
+    return outputs + max(forward, backward) + _numpy_buffers()
 
 
 def avgpool2d_shape(
@@ -439,7 +453,18 @@ def avgpool2d_scratch(
 ) -> int:
     """dout / divisor (one output's worth); the sums accumulate in the output itself and
     the gradient in dx, with no padded copy."""
-    return math.prod(out)
+    return math.prod(out) + _numpy_buffers()
+
+
+def avgpool2d_flops(
+    ins: Sequence[Shape],
+    out: Shape,
+    kernel: Pair = 2,
+    stride: Pair | None = None,
+    padding: Pair = 0,
+    count_include_pad: bool = True,
+) -> int:
+    return _pool_flops(ins, out, kernel)
 
 
 # --- batch normalisation ----------------------------------------------------------------
@@ -495,6 +520,7 @@ def _centred(x: Array, eps: float) -> tuple[Array, Array]:
         var = np.sum(xc * xc, axis=axes, keepdims=True) / count
     if np.isfinite(var).all():
         return xc, np.sqrt(var + eps)
+    del xc  # the scaled pass below needs two of x's size at most
     with np.errstate(all="ignore"):  # NaN and inf inputs take this path too: they are data
         peak = np.max(np.abs(x), axis=axes, keepdims=True)
         exponent = np.frexp(np.where(np.isfinite(peak) & (peak > 0), peak, 1.0))[1]
@@ -598,8 +624,10 @@ def batchnorm_flops(ins: Sequence[Shape], out: Shape, eps: float = 1e-5) -> int:
 
 
 def batchnorm_scratch(ins: Sequence[Shape], out: Shape, eps: float = 1e-5) -> int:
-    """xhat (cached), the squares for the variance, and dout * xhat in backward."""
-    return 3 * math.prod(ins[0])
+    """xhat (cached) and one more of x's size: the squares for the variance (two in the
+    scaled pass that overflow takes, which then holds the centred values instead of xhat),
+    or dout * xhat in backward."""
+    return 2 * math.prod(ins[0]) + _numpy_buffers()
 
 
 def batchnorm_eval_flops(ins: Sequence[Shape], out: Shape, eps: float = 1e-5) -> int:
@@ -608,7 +636,7 @@ def batchnorm_eval_flops(ins: Sequence[Shape], out: Shape, eps: float = 1e-5) ->
 
 def batchnorm_eval_scratch(ins: Sequence[Shape], out: Shape, eps: float = 1e-5) -> int:
     """xhat (cached) and dout * xhat in backward."""
-    return 2 * math.prod(ins[0])
+    return 2 * math.prod(ins[0]) + _numpy_buffers()
 
 
 # --- flatten and reshape ----------------------------------------------------------------
@@ -623,7 +651,8 @@ def flatten_shape(x: Shape, axis: int = 1) -> Shape:
             f"flatten: axis must be an int in [{-rank}, {rank}] for x of shape {list(x)}, "
             f"got {axis!r}"
         )
-    axis %= rank + 1 if rank else 1
+    if axis < 0:
+        axis += rank  # ONNX: counted from the back, so -1 leaves the last axis alone
     return (math.prod(x[:axis]), math.prod(x[axis:]))
 
 
@@ -662,21 +691,32 @@ def reshape_forward(x: Array, shape: Sequence[int] = ()) -> tuple[Array, Cache]:
 
 
 def reshape_backward(dout: Array, x_shape: Cache) -> Grads:
-    """dout (the output's shape) -> dx (x's shape): the inverse reshape. Flatten's too."""
+    """dout (the output's shape) -> dx (x's shape): the inverse reshape."""
     return (dout.reshape(x_shape),)
 
 
-flatten_backward = reshape_backward
+def flatten_backward(dout: Array, x_shape: Cache) -> Grads:
+    """dout (the output's shape) -> dx (x's shape): the inverse reshape."""
+    return (dout.reshape(x_shape),)
 
 
-def view_flops(ins: Sequence[Shape], out: Shape, **attrs: Any) -> int:
-    """No arithmetic; counted as one pass (a copy when the input is not contiguous)."""
+def flatten_flops(ins: Sequence[Shape], out: Shape, axis: int = 1) -> int:
+    """No arithmetic; counted as one pass (a copy when x is not contiguous)."""
     return math.prod(out)
 
 
-def view_scratch(ins: Sequence[Shape], out: Shape, **attrs: Any) -> int:
-    """Nothing: the output and its gradient are views (a non-contiguous input is copied
-    into the output itself)."""
+def reshape_flops(ins: Sequence[Shape], out: Shape, shape: Sequence[int] = ()) -> int:
+    """No arithmetic; counted as one pass (a copy when x is not contiguous)."""
+    return math.prod(out)
+
+
+def flatten_scratch(ins: Sequence[Shape], out: Shape, axis: int = 1) -> int:
+    """Nothing: the output and the gradient are views (or copies that are the output)."""
+    return 0
+
+
+def reshape_scratch(ins: Sequence[Shape], out: Shape, shape: Sequence[int] = ()) -> int:
+    """Nothing: the output and the gradient are views (or copies that are the output)."""
     return 0
 
 
