@@ -31,7 +31,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from gradiag.engine.errors import ShapeError
-from gradiag.engine.ops import Array, Shape
+from gradiag.engine.ops import Array, Shape, all_finite
 
 Cache = Any
 Grads = tuple[Array | None, ...]
@@ -418,15 +418,27 @@ def avgpool2d_forward(
     (ONNX AveragePool's default). Returns out (N, C, Ho, Wo) and a cache."""
     _check_flag("avgpool2d", "count_include_pad", count_include_pad)
     win = _pool_window("avgpool2d", x.shape, kernel, stride, padding)
-    total = np.zeros((*x.shape[:2], *win.size_out), dtype=x.dtype)
-    for i, j in win.offsets:  # window cells in row-major order, PyTorch's summation order
+    divisor = _pool_divisor(win, count_include_pad, x.dtype)
+    out = _window_sums(x, win)
+    out /= divisor
+    if not all_finite(out) and all_finite(x):  # the sum overflowed, the mean need not
+        out = _window_sums(x, win, divisor)
+    return out, (x.shape, win, divisor)
+
+
+def _window_sums(x: Array, win: Window, divisor: Array | int | None = None) -> Array:
+    """(N, C, Ho, Wo): the sum of each window's real cells, in row-major order (PyTorch's
+    summation order), each cell divided by its window's divisor first when one is given."""
+    out = np.zeros((*x.shape[:2], *win.size_out), dtype=x.dtype)
+    for i, j in win.offsets:
         where = win.slices(i, j)
         if where is not None:
             (hs, ws), (hos, wos) = where
-            total[:, :, hos, wos] += x[:, :, hs, ws]
-    divisor = _pool_divisor(win, count_include_pad, x.dtype)
-    total /= divisor
-    return total, (x.shape, win, divisor)
+            cells = x[:, :, hs, ws]
+            if divisor is not None:
+                cells = cells / (divisor if isinstance(divisor, int) else divisor[hos, wos])
+            out[:, :, hos, wos] += cells
+    return out
 
 
 def avgpool2d_backward(dout: Array, cache: Cache) -> Grads:
@@ -510,15 +522,17 @@ def _per_channel(v: Array, ndim: int) -> Array:
 
 def _centred(x: Array, eps: float) -> tuple[Array, Array]:
     """x - mean and sqrt(var + eps) per channel (kept dims), var biased, two-pass (no
-    cancellation). Squares of |x| > 1e154 overflow: only then (a non-finite variance) are the
-    moments taken again of x scaled by a power of two per channel (exact), so that a finite
+    cancellation). Squares of |x| > 1e154 overflow and squares of |x| < 1e-154 lose their
+    digits: only when the variance is non-finite or that small (and eps does not dwarf it) are
+    the moments taken again of x scaled by a power of two per channel (exact), so that a
     batch whose statistics exist gets them."""
     axes = _stat_axes(x.ndim)
     count = x.size // x.shape[1]
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         xc = x - np.sum(x, axis=axes, keepdims=True) / count
         var = np.sum(xc * xc, axis=axes, keepdims=True) / count
-    if np.isfinite(var).all():
+    info = np.finfo(x.dtype)
+    if np.isfinite(var).all() and not (var + eps < info.tiny / info.eps).any():
         return xc, np.sqrt(var + eps)
     del xc  # the scaled pass below needs two of x's size at most
     with np.errstate(all="ignore"):  # NaN and inf inputs take this path too: they are data
@@ -541,7 +555,8 @@ def batchnorm_forward(
     as PyTorch normalises. Returns out (x's shape) and a cache of (xhat, gamma / std)."""
     batchnorm_shape(x.shape, gamma.shape, beta.shape, eps)
     xhat, std = _centred(x, eps)
-    xhat /= std  # in place: xc is fresh
+    with np.errstate(divide="ignore", invalid="ignore"):  # eps 0 on a constant channel: NaN
+        xhat /= std  # in place: xc is fresh
     g = _per_channel(gamma, x.ndim)
     out = xhat * g
     out += _per_channel(beta, x.ndim)
@@ -676,7 +691,9 @@ def reshape_shape(x: Shape, shape: Sequence[int] = ()) -> Shape:
     size, known = math.prod(x), math.prod(n for n in target if n != -1)
     where = f"reshape of x with shape {list(x)} ({size} elements) into {target}"
     if -1 in target:
-        if known == 0 or size % known:
+        if known == 0:
+            raise ShapeError(f"{where}: -1 cannot be inferred beside a size of 0")
+        if size % known:
             raise ShapeError(f"{where}: {size} is not a multiple of {known}, the other sizes")
         target[target.index(-1)] = size // known
     elif known != size:
