@@ -419,8 +419,9 @@ def avgpool2d_forward(
     _check_flag("avgpool2d", "count_include_pad", count_include_pad)
     win = _pool_window("avgpool2d", x.shape, kernel, stride, padding)
     divisor = _pool_divisor(win, count_include_pad, x.dtype)
-    out = _window_sums(x, win)
-    out /= divisor
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+        out = _window_sums(x, win)
+        out /= divisor
     if not all_finite(out) and all_finite(x):  # the sum overflowed, the mean need not
         out = _window_sums(x, win, divisor)
     return out, (x.shape, win, divisor)
