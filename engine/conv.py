@@ -273,17 +273,18 @@ def _windows(x: Array, win: Window, fill: float) -> Array:
     return np.ascontiguousarray(views).reshape(-1, *x.shape[:2], *win.size_out)
 
 
-def _first_max(cells: Array) -> tuple[Array, Array]:
+def _first_max(cells: Array, nan_free: bool) -> tuple[Array, Array]:
     """cells (K, ...) -> (max over K, index of the winner) by PyTorch's CPU rule: a cell wins
     when it is greater than the best so far or NaN, so ties go to the first maximum and NaN
     to the last NaN. Branch-free (np.maximum, and arg = max(arg, t * better) since t grows):
-    masked copies on a random mask are ~20x slower."""
+    masked copies on a random mask are ~20x slower. `nan_free` skips the NaN test."""
     best = cells[0].copy()
     arg = np.zeros(best.shape, dtype=np.min_scalar_type(len(cells) - 1))
     for t in range(1, len(cells)):
         value = cells[t]
         better = value > best
-        better |= np.isnan(value)
+        if not nan_free:
+            better |= np.isnan(value)
         np.maximum(best, value, out=best)  # NaN sticks, as in PyTorch
         np.maximum(arg, np.multiply(better, t, dtype=arg.dtype), out=arg)
     return best, arg
@@ -313,7 +314,7 @@ def maxpool2d_forward(
     (cells of -inf). Returns out (N, C, Ho, Wo) and a cache holding the winning offset of each
     window (uint8 for kernels of up to 256 cells)."""
     win = _pool_window("maxpool2d", x.shape, kernel, stride, padding)
-    out, arg = _first_max(_windows(x, win, -np.inf))
+    out, arg = _first_max(_windows(x, win, -np.inf), nan_free=all_finite(x))
     if any(win.padding):
         # PyTorch never reads the padding: a window whose real cells are all -inf (none beat
         # the -inf pad at offset 0) sends its gradient to its first real cell
@@ -518,7 +519,24 @@ def _stat_axes(ndim: int) -> tuple[int, ...]:
 
 def _per_channel(v: Array, ndim: int) -> Array:
     """(C,) -> (1, C, 1, ...), to broadcast against x."""
-    return v.reshape(1, -1, *([1] * (ndim - 2)))
+    return v.reshape(_per_channel_shape(-1, ndim))
+
+
+def _channel_dot(a: Array, b: Array) -> Array:
+    """sum(a * b) per channel (axis 1), kept dims, without an (a * b) temporary when there
+    are spatial axes: np.vecdot over each (n, c)'s H*W values (3x faster than the product and
+    sum, which allocate and fault in a fresh array of x's size)."""
+    if a.ndim > 2:
+        n, c = a.shape[:2]
+        per_image: Array = np.vecdot(a.reshape(n, c, -1), b.reshape(n, c, -1))  # (N, C)
+        summed: Array = per_image.sum(axis=0).reshape(_per_channel_shape(c, a.ndim))
+        return summed
+    total: Array = np.sum(a * b, axis=0, keepdims=True)
+    return total
+
+
+def _per_channel_shape(c: int, ndim: int) -> Shape:
+    return (1, c, *([1] * (ndim - 2)))
 
 
 def _centred(x: Array, eps: float) -> tuple[Array, Array]:
@@ -531,7 +549,7 @@ def _centred(x: Array, eps: float) -> tuple[Array, Array]:
     count = x.size // x.shape[1]
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         xc = x - np.sum(x, axis=axes, keepdims=True) / count
-        var = np.sum(xc * xc, axis=axes, keepdims=True) / count
+        var = _channel_dot(xc, xc) / count
     info = np.finfo(x.dtype)
     if np.isfinite(var).all() and not (var + eps < info.tiny / info.eps).any():
         return xc, np.sqrt(var + eps)
@@ -542,7 +560,7 @@ def _centred(x: Array, eps: float) -> tuple[Array, Array]:
         scale = np.ldexp(np.ones_like(peak), -exponent)  # |x * scale| < 1
         xs = x * scale
         xs -= np.sum(xs, axis=axes, keepdims=True) / count
-        rms = np.sqrt(np.sum(xs * xs, axis=axes, keepdims=True) / count)
+        rms = np.sqrt(_channel_dot(xs, xs) / count)
         return xs / scale, np.hypot(rms / scale, math.sqrt(eps))
 
 
@@ -572,7 +590,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> Grads:
     axes = _stat_axes(xhat.ndim)
     count = xhat.size // xhat.shape[1]
     dbeta = np.sum(dout, axis=axes, keepdims=True)
-    dgamma = np.sum(dout * xhat, axis=axes, keepdims=True)
+    dgamma = _channel_dot(dout, xhat)
     dx = xhat * (dgamma / count)
     np.subtract(dout, dx, out=dx)
     dx -= dbeta / count
@@ -627,7 +645,7 @@ def batchnorm_eval_backward(dout: Array, cache: Cache) -> Grads:
     xhat, gamma, inv_std, inv_var = cache
     axes = _stat_axes(xhat.ndim)
     dbeta = np.sum(dout, axis=axes)
-    dgamma = np.sum(dout * xhat, axis=axes)
+    dgamma = _channel_dot(dout, xhat).reshape(-1)
     scale = gamma * inv_std
     dx = dout * _per_channel(scale, dout.ndim)
     return dx, dgamma, dbeta, -scale * dbeta, -0.5 * gamma * inv_var * dgamma
