@@ -89,16 +89,20 @@ def _axis_slices(
     return slice(start, start + (hi - lo - 1) * stride + 1, stride), slice(lo, hi)
 
 
-def _pair(value: Any, name: str) -> tuple[int, int]:
+def _pair(value: Any, name: str, op: str = "") -> tuple[int, int]:
     """An int, or a list of two ints (height, width); bools are not ints here."""
     items = [value, value] if not isinstance(value, list | tuple) else list(value)
     if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise ShapeError(f"{name} must be an int or a pair [height, width] of ints, got {value!r}")
+        where = f"{op}: " if op else ""
+        raise ShapeError(
+            f"{where}{name} must be an int or a pair [height, width] of ints, got {value!r}"
+        )
     return items[0], items[1]
 
 
 def _window(op: str, size_in: Sequence[int], kernel: Pair, stride: Pair, padding: Pair) -> Window:
-    k, s, p = _pair(kernel, "kernel"), _pair(stride, "stride"), _pair(padding, "padding")
+    k, s = _pair(kernel, "kernel", op), _pair(stride, "stride", op)
+    p = _pair(padding, "padding", op)
     if min(k) < 1:
         raise ShapeError(f"{op}: kernel must be at least 1 on each axis, got {list(k)}")
     if min(s) < 1:
@@ -630,7 +634,7 @@ def batchnorm_eval_forward(
     )
     with np.errstate(divide="ignore", invalid="ignore"):  # var + eps <= 0 is data: inf, NaN
         inv_var = 1.0 / (running_var + eps)
-    inv_std = np.sqrt(inv_var)
+        inv_std = np.sqrt(inv_var)
     xhat = x - _per_channel(running_mean, x.ndim)
     xhat *= _per_channel(inv_std, x.ndim)
     out = xhat * _per_channel(gamma, x.ndim)

@@ -569,6 +569,11 @@ def test_nan_and_inf_propagate_as_data() -> None:
         assert np.isnan(out[0, 0]).all() and np.isnan(out[0, 1]).all()
         out, _ = run("batchnorm_eval", (x, *[np.ones(2)] * 4))
         assert np.isnan(out[0, 0, 0, 0]) and np.isfinite(out[0, 0, 1, 1])
+    # a negative running variance is data too, even outside the graph's errstate
+    out, (_, _, _, _, dvar) = run(
+        "batchnorm_eval", (np.ones((2, 1)), *[np.ones(1)] * 3, -np.ones(1))
+    )
+    assert np.isnan(out).all() and np.isnan(dvar).all()
 
 
 # --- PyTorch's answers (tests/fixtures/oracle/ops) --------------------------------------
@@ -687,9 +692,11 @@ SHAPE_ERRORS = [
         "conv2d",
         CONV,
         {"padding": [1, 2, 3]},
-        "padding must be an int or a pair [height, width] of ints, got [1, 2, 3]",
+        "conv2d: padding must be an int or a pair [height, width] of ints, got [1, 2, 3]",
     ),
-    _err("conv2d", CONV, {"stride": 1.5}, "stride must be an int or a pair [height, width]"),
+    _err(
+        "conv2d", CONV, {"stride": 1.5}, "conv2d: stride must be an int or a pair [height, width]"
+    ),
     _err("conv2d", CONV, {"stride": True}, "stride must be an int or a pair [height, width]"),
     _err("maxpool2d", ((2, 3, 5),), {}, "maxpool2d: x must be (N, C, H, W), got shape [2, 3, 5]"),
     _err("maxpool2d", (X,), {"kernel": 0}, "maxpool2d: kernel must be at least 1 on each axis"),
