@@ -172,7 +172,7 @@ def _im2col(x: Array, win: Window) -> Array:
     views = sliding_window_view(_pad(x, win.padding, 0.0), (kh, kw), axis=(2, 3))
     views = views[:, :, ::sh, ::sw].transpose(0, 1, 4, 5, 2, 3)  # (N, C, kh, kw, Ho, Wo)
     n, c = x.shape[:2]
-    return np.ascontiguousarray(views).reshape(n, c * kh * kw, -1)
+    return np.ascontiguousarray(views).reshape(n, c * kh * kw, math.prod(win.size_out))
 
 
 def _col2im(dcols: Array, x_shape: Shape, win: Window) -> Array:
@@ -202,7 +202,7 @@ def conv2d_forward(
     win = _conv_window(x.shape, W.shape, b.shape, stride, padding)
     n, f = x.shape[0], W.shape[0]
     cols = _im2col(x, win)  # (N, K, P), K = C*kh*kw, P = Ho*Wo
-    out = np.matmul(W.reshape(f, -1), cols)  # (N, F, P): one BLAS product per image
+    out = np.matmul(W.reshape(f, cols.shape[1]), cols)  # (N, F, P): one product per image
     out += b[:, np.newaxis]  # in place: the product is fresh
     return out.reshape(n, f, *win.size_out), (cols, W, x.shape, win)
 
@@ -214,11 +214,12 @@ def conv2d_backward(dout: Array, cache: Cache, needs: Needs = (True, True, True)
     dx = col2im(W.T @ dout). An operand whose `needs` is False gets None and costs nothing
     (the input batch's dx is half the backward's work)."""
     cols, W, x_shape, win = cache
-    n, f = dout.shape[:2]
-    dout3 = dout.reshape(n, f, -1)  # (N, F, P)
+    n, k, p = cols.shape
+    f = W.shape[0]
+    dout3 = dout.reshape(n, f, p)
     dx = dW = db = None
     if needs[0]:
-        dcols = np.matmul(W.reshape(f, -1).T, dout3)  # (N, K, P)
+        dcols = np.matmul(W.reshape(f, k).T, dout3)  # (N, K, P)
         dx = _col2im(dcols, x_shape, win)
     if needs[1]:
         # a stack of (F, P) @ (P, K) products summed over N: BLAS reads cols transposed in
@@ -274,7 +275,8 @@ def _windows(x: Array, win: Window, fill: float) -> Array:
     instead of a strided walk of short rows."""
     views = sliding_window_view(_pad(x, win.padding, fill), win.kernel, axis=(2, 3))
     views = views[:, :, :: win.stride[0], :: win.stride[1]].transpose(4, 5, 0, 1, 2, 3)
-    return np.ascontiguousarray(views).reshape(-1, *x.shape[:2], *win.size_out)
+    cells = win.kernel[0] * win.kernel[1]
+    return np.ascontiguousarray(views).reshape(cells, *x.shape[:2], *win.size_out)
 
 
 def _first_max(cells: Array, nan_free: bool) -> tuple[Array, Array]:
@@ -507,13 +509,18 @@ def batchnorm_shape(x: Shape, gamma: Shape, beta: Shape, eps: float = 1e-5) -> S
     """x (N, C) or (N, C, *spatial), gamma and beta (C,) -> x's shape."""
     x = tuple(x)
     _norm_shapes("batchnorm", x, {"gamma": gamma, "beta": beta}, eps)
-    values = math.prod(x) // x[1] if x[1] else math.prod(x[:1] + x[2:])
+    values = _count(x)
     if values <= 1:
         raise ShapeError(
             f"batchnorm: train mode needs more than one value per channel for its batch "
             f"statistics; x of shape {list(x)} has {values}"
         )
     return x
+
+
+def _count(x: Shape) -> int:
+    """Values per channel: the product of every axis but 1."""
+    return math.prod(x[:1] + x[2:])
 
 
 def _stat_axes(ndim: int) -> tuple[int, ...]:
@@ -523,7 +530,7 @@ def _stat_axes(ndim: int) -> tuple[int, ...]:
 
 def _per_channel(v: Array, ndim: int) -> Array:
     """(C,) -> (1, C, 1, ...), to broadcast against x."""
-    return v.reshape(_per_channel_shape(-1, ndim))
+    return v.reshape(_per_channel_shape(v.size, ndim))
 
 
 def _channel_dot(a: Array, b: Array) -> Array:
@@ -531,9 +538,9 @@ def _channel_dot(a: Array, b: Array) -> Array:
     are spatial axes: np.vecdot over each (n, c)'s H*W values (3x faster than the product and
     sum, which allocate and fault in a fresh array of x's size)."""
     if a.ndim > 2:
-        n, c = a.shape[:2]
-        per_image: Array = np.vecdot(a.reshape(n, c, -1), b.reshape(n, c, -1))  # (N, C)
-        summed: Array = per_image.sum(axis=0).reshape(_per_channel_shape(c, a.ndim))
+        flat = (*a.shape[:2], math.prod(a.shape[2:]))
+        per_image: Array = np.vecdot(a.reshape(flat), b.reshape(flat))  # (N, C)
+        summed: Array = per_image.sum(axis=0).reshape(_per_channel_shape(flat[1], a.ndim))
         return summed
     total: Array = np.sum(a * b, axis=0, keepdims=True)
     return total
@@ -550,7 +557,7 @@ def _centred(x: Array, eps: float) -> tuple[Array, Array]:
     the moments taken again of x scaled by a power of two per channel (exact), so that a
     batch whose statistics exist gets them."""
     axes = _stat_axes(x.ndim)
-    count = x.size // x.shape[1]
+    count = _count(x.shape)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         xc = x - np.sum(x, axis=axes, keepdims=True) / count
         var = _channel_dot(xc, xc) / count
@@ -592,7 +599,7 @@ def batchnorm_backward(dout: Array, cache: Cache) -> Grads:
     the means per channel; dbeta = sum(dout) and dgamma = sum(dout * xhat) are those sums."""
     xhat, g_over_std = cache
     axes = _stat_axes(xhat.ndim)
-    count = xhat.size // xhat.shape[1]
+    count = _count(xhat.shape)
     dbeta = np.sum(dout, axis=axes, keepdims=True)
     dgamma = _channel_dot(dout, xhat)
     dx = xhat * (dgamma / count)

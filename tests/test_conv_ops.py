@@ -576,6 +576,29 @@ def test_nan_and_inf_propagate_as_data() -> None:
     assert np.isnan(out).all() and np.isnan(dvar).all()
 
 
+EMPTY_CASES: list[tuple[str, tuple[Shape, ...], Attrs]] = [
+    ("conv2d", ((0, 3, 5, 5), (4, 3, 3, 3), (4,)), {}),
+    ("conv2d", ((2, 3, 5, 5), (0, 3, 3, 3), (0,)), {}),
+    ("conv2d", ((2, 0, 5, 5), (4, 0, 3, 3), (4,)), {"padding": 1}),
+    ("maxpool2d", ((0, 3, 4, 4),), {}),
+    ("maxpool2d", ((2, 0, 4, 4),), {"kernel": 3, "stride": 1, "padding": 1}),
+    ("avgpool2d", ((0, 3, 4, 4),), {"padding": 1}),
+    ("batchnorm", ((4, 0, 3, 3), (0,), (0,)), {}),
+    ("batchnorm_eval", ((0, 3), (3,), (3,), (3,), (3,)), {}),
+    ("flatten", ((0, 3, 2),), {}),
+    ("reshape", ((0, 3),), {"shape": [3, 0]}),
+]
+
+
+@pytest.mark.parametrize(("op", "shapes", "attrs"), EMPTY_CASES)
+def test_empty_batches_and_channels_give_empty_answers(
+    op: str, shapes: tuple[Shape, ...], attrs: Attrs
+) -> None:
+    out, grads = run(op, [np.ones(shape) for shape in shapes], **attrs)
+    assert out.shape == fn(op, "shape")(*shapes, **attrs)
+    assert [g.shape for g in grads] == list(shapes)
+
+
 # --- PyTorch's answers (tests/fixtures/oracle/ops) --------------------------------------
 
 FIXTURE_FILES = sorted(FIXTURES.glob("*.npz"))
