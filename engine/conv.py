@@ -582,30 +582,32 @@ def batchnorm_forward(
 
     Inputs: x (N, C) or (N, C, H, W); gamma, beta (C,). Statistics per channel over every
     axis but 1: out = gamma * (x - mean) / sqrt(var + eps) + beta, var biased (/ count),
-    as PyTorch normalises. Returns out (x's shape) and a cache of (xhat, gamma / std)."""
+    as PyTorch normalises. Returns out (x's shape) and a cache of (x - mean, std, gamma):
+    xhat = (x - mean) / std is never stored, which saves a pass over x."""
     batchnorm_shape(x.shape, gamma.shape, beta.shape, eps)
-    xhat, std = _centred(x, eps)
-    with np.errstate(divide="ignore", invalid="ignore"):  # eps 0 on a constant channel: NaN
-        xhat /= std  # in place: xc is fresh
+    xc, std = _centred(x, eps)
     g = _per_channel(gamma, x.ndim)
-    out = xhat * g
+    with np.errstate(divide="ignore", invalid="ignore"):  # eps 0 on a constant channel: NaN
+        out = xc * (g / std)
     out += _per_channel(beta, x.ndim)
-    return out, (xhat, g / std)
+    return out, (xc, std, g)
 
 
 def batchnorm_backward(dout: Array, cache: Cache) -> Grads:
     """dout (x's shape) -> dx, dgamma (C,), dbeta (C,), through the batch statistics in
     CS231n's compact form: dx = gamma / std * (dout - mean(dout) - xhat * mean(dout * xhat)),
     the means per channel; dbeta = sum(dout) and dgamma = sum(dout * xhat) are those sums."""
-    xhat, g_over_std = cache
-    axes = _stat_axes(xhat.ndim)
-    count = _count(xhat.shape)
-    dbeta = np.sum(dout, axis=axes, keepdims=True)
-    dgamma = _channel_dot(dout, xhat)
-    dx = xhat * (dgamma / count)
-    np.subtract(dout, dx, out=dx)
-    dx -= dbeta / count
-    dx *= g_over_std
+    xc, std, g = cache
+    axes = _stat_axes(xc.ndim)
+    count = _count(xc.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):  # std 0 (eps 0): NaN, as PyTorch
+        inv_std = 1.0 / std
+        dbeta = np.sum(dout, axis=axes, keepdims=True)
+        dgamma = _channel_dot(dout, xc) * inv_std
+        dx = xc * (dgamma * inv_std / count)  # xhat * mean(dout * xhat)
+        np.subtract(dout, dx, out=dx)
+        dx -= dbeta / count
+        dx *= g * inv_std
     return dx, dgamma.reshape(-1), dbeta.reshape(-1)
 
 
@@ -669,9 +671,8 @@ def batchnorm_flops(ins: Sequence[Shape], out: Shape, eps: float = 1e-5) -> int:
 
 
 def batchnorm_scratch(ins: Sequence[Shape], out: Shape, eps: float = 1e-5) -> int:
-    """xhat (cached) and one more of x's size: the squares for the variance (two in the
-    scaled pass that overflow takes, which then holds the centred values instead of xhat),
-    or dout * xhat in backward."""
+    """x - mean (cached) and one more of x's size: the scaled copy in the pass that overflow
+    takes, or the product with dout for 2-D x (vecdot needs none for images)."""
     return 2 * math.prod(ins[0]) + _numpy_buffers()
 
 
