@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from gradiag.engine.arrays import Array, Shape, all_finite
 from gradiag.engine.errors import ShapeError
-from gradiag.engine.ops import Array, Shape, all_finite
 
 Cache = Any
 Grads = tuple[Array | None, ...]

@@ -31,10 +31,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gradiag.engine import conv
+
+# re-exported: most modules take the array types from here, with the ops
+from gradiag.engine.arrays import SMALL as SMALL
+from gradiag.engine.arrays import Array as Array
+from gradiag.engine.arrays import Shape as Shape
+from gradiag.engine.arrays import all_finite as all_finite
 from gradiag.engine.errors import ShapeError, ValueDomainError
 
-Array = np.ndarray[Any, np.dtype[Any]]
-Shape = tuple[int, ...]
 Cache = Any
 Grads = tuple[Array | None, ...]
 Needs = tuple[bool, ...]
@@ -45,23 +50,6 @@ Kink = Literal["x", "a-b"]
 # "leaks" (leaky_relu: the same test, but alpha still passes), "saturates" (its output
 # within eps of one of its `bounds`).
 Gate = Literal["dies", "leaks", "saturates"]
-
-
-SMALL = 4096  # elements: below this, per-call overhead decides, not memory traffic
-
-
-def all_finite(x: Array) -> bool:
-    """No NaN or infinity in x, in one read and no bool array: a sum of squares is NaN or inf
-    whenever an element is, so a finite one settles it (BLAS dot, faster than isfinite);
-    only an inf sum (an overflow of finite squares, or a real inf) takes the exact check."""
-    if x.ndim == 0:  # scalar graphs call this per node: skip NumPy's per-call overhead
-        return math.isfinite(float(x))
-    if x.size <= SMALL:  # a batched level's slice: errstate's cost is more than the read
-        return bool(np.logical_and.reduce(np.isfinite(x), axis=None))  # not .all(): 2x faster
-    flat = x.reshape(-1)
-    with np.errstate(all="ignore"):
-        total = np.dot(flat, flat)
-    return math.isfinite(total) or bool(np.isfinite(x).all())
 
 
 def elementwise_flops(ins: Sequence[Shape], out: Shape, **attrs: Any) -> int:
@@ -659,6 +647,7 @@ _ROUTES = "max gate: routes the whole gradient to the larger input (a tie splits
 _LOCAL = "scales the gradient by its local derivative"
 _AXIS = Attr(int | list[int] | None, "the axes to reduce (default: all)")
 _KEEPDIMS = Attr(bool, "keep reduced axes with size 1")
+_PAIR = int | list[int]
 
 _TABLE: list[Op] = [
     Op("add", 2, "a + b (broadcasting)", add_forward, add_backward, broadcast_shape,
@@ -736,6 +725,52 @@ _TABLE: list[Op] = [
        "one class, the binary hinge mean(max(0, 1 - y s)), labels in {-1, +1}",
        svm_hinge_forward, svm_hinge_backward, class_loss_shape,
        role="loss: +1 per violated margin, -count at the label, / N; labels get no gradient"),
+    Op("conv2d", 3, "2-D cross-correlation x (N, C, H, W) with W (F, C, kh, kw) plus b (F,), "
+       "NCHW as PyTorch", conv.conv2d_forward, conv.conv2d_backward, conv.conv2d_shape,
+       attrs={"stride": Attr(_PAIR, "the filter's step: an int or [sh, sw]"),
+              "padding": Attr(_PAIR, "zeros on each side of H and W: an int or [ph, pw]")},
+       flops=conv.conv2d_flops, scratch=conv.conv2d_scratch, takes_needs=True, weighted=True,
+       role="conv gate: dx = the filters slid back over the gradient, dW = the gradient "
+       "against the input windows, db = the gradient summed per filter"),
+    Op("maxpool2d", 1, "the maximum of each kh x kw window of x (N, C, H, W)",
+       conv.maxpool2d_forward, conv.maxpool2d_backward, conv.maxpool2d_shape,
+       attrs={"kernel": Attr(_PAIR, "the window: an int or [kh, kw]"),
+              "stride": Attr(_PAIR | None, "the window's step (default: the kernel)"),
+              "padding": Attr(_PAIR, "cells of -inf on each side of H and W")},
+       flops=conv.maxpool2d_flops, scratch=conv.maxpool2d_scratch,
+       role="max gate: routes each window's gradient to its first maximum"),
+    Op("avgpool2d", 1, "the mean of each kh x kw window of x (N, C, H, W)",
+       conv.avgpool2d_forward, conv.avgpool2d_backward, conv.avgpool2d_shape,
+       attrs={"kernel": Attr(_PAIR, "the window: an int or [kh, kw]"),
+              "stride": Attr(_PAIR | None, "the window's step (default: the kernel)"),
+              "padding": Attr(_PAIR, "cells of zero on each side of H and W"),
+              "count_include_pad": Attr(bool, "divide by kh*kw where a window covers padding "
+                                        "too (PyTorch); false: by its real cells (ONNX)")},
+       flops=conv.avgpool2d_flops, scratch=conv.avgpool2d_scratch,
+       role="mean gate: shares each window's gradient equally among its cells"),
+    Op("batchnorm", 3, "train mode: x (N, C) or (N, C, H, W) normalised per channel with "
+       "the batch's mean and biased variance, then gamma * xhat + beta",
+       conv.batchnorm_forward, conv.batchnorm_backward, conv.batchnorm_shape,
+       attrs={"eps": Attr(float, "added to the batch variance")},
+       flops=conv.batchnorm_flops, scratch=conv.batchnorm_scratch,
+       role="normalisation gate: removes the gradient's per-channel mean and its component "
+       "along xhat, scaled by gamma / std"),
+    Op("batchnorm_eval", 5, "eval mode: x normalised per channel with running_mean and "
+       "running_var (the 4th and 5th inputs), then gamma * xhat + beta",
+       conv.batchnorm_eval_forward, conv.batchnorm_eval_backward, conv.batchnorm_eval_shape,
+       attrs={"eps": Attr(float, "added to running_var")},
+       flops=conv.batchnorm_eval_flops, scratch=conv.batchnorm_eval_scratch,
+       role="scales the gradient by gamma / std per channel"),
+    Op("flatten", 1, "x as a matrix: the axes before attrs.axis become the rows, the rest "
+       "the columns (C, H, W order)", conv.flatten_forward, conv.flatten_backward,
+       conv.flatten_shape, attrs={"axis": Attr(int, "the first axis of the columns")},
+       flops=conv.flatten_flops, scratch=conv.flatten_scratch,
+       role="reshapes the gradient back"),
+    Op("reshape", 1, "x with the same elements in attrs.shape (C order, one -1 inferred)",
+       conv.reshape_forward, conv.reshape_backward, conv.reshape_shape,
+       attrs={"shape": Attr(list[int], "the new shape; one entry may be -1")},
+       flops=conv.reshape_flops, scratch=conv.reshape_scratch,
+       role="reshapes the gradient back"),
     Op("bce_with_logits", 2,
        "loss: mean over elements of binary cross-entropy on raw scores; targets in [0, 1], "
        "the scores' shape or (N,) for one unit",

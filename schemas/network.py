@@ -1,12 +1,12 @@
-"""POST /v1/network: a fully-connected network definition, and its report."""
+"""POST /v1/network: a network definition (dense and convolutional layers), and its report."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
-from gradiag.engine.network import ACTIVATION_OPS, DTYPES, INIT_SCALES, LOSS_OPS
+from gradiag.engine.network import ACTIVATION_OPS, BATCHNORM_MODES, DTYPES, INIT_SCALES, LOSS_OPS
 from gradiag.schemas.common import Health, Number, Tensor, Thresholds, WireModel
 from gradiag.schemas.graph import NodeReport
 
@@ -16,42 +16,120 @@ if TYPE_CHECKING:
     Loss = str
     Scheme = str
     Dtype = str
+    Mode = str
 else:
     Activation = Literal[tuple(ACTIVATION_OPS)]
     Loss = Literal[tuple(LOSS_OPS)]
     Scheme = Literal[tuple(INIT_SCALES)]
     Dtype = Literal[DTYPES]
+    Mode = Literal[BATCHNORM_MODES]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="numpy default_rng seed")]
+Size = Annotated[int, Field(ge=1)]
+Pair = (
+    Annotated[int, Field(ge=0)]
+    | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+)
+Alpha = Annotated[
+    float, Field(ge=0.0, allow_inf_nan=False, description="leaky_relu's slope for z <= 0")
+]
 
 
-class LayerSpec(WireModel):
-    """One fully-connected layer: a = act(a_prev @ W + b)."""
+class DenseLayer(WireModel):
+    """A fully-connected layer: a = act(a_prev @ W + b), W (fan_in, units). After an image
+    layer it flattens a_prev first (C, H, W order, as torch.flatten)."""
 
-    units: int = Field(ge=1, description="neurons in the layer")
+    type: Literal["dense"] = "dense"
+    units: Size = Field(description="neurons in the layer")
     activation: Activation = "relu"
-    alpha: float = Field(
-        0.01, ge=0.0, allow_inf_nan=False, description="leaky_relu's slope for z <= 0"
-    )
+    alpha: Alpha = 0.01
+
+
+class Conv2dLayer(WireModel):
+    """a = act(conv2d(a_prev, W, b)): W (F, C, kh, kw), b (F,), cross-correlation as
+    PyTorch's Conv2d (NCHW)."""
+
+    type: Literal["conv2d"]
+    filters: Size = Field(description="F: output channels")
+    kernel: Pair = Field(description="kh = kw, or [kh, kw]")
+    stride: Pair = 1
+    padding: Pair = Field(0, description="zeros on each side of H and W")
+    activation: Activation = "relu"
+    alpha: Alpha = 0.01
+
+
+class PoolLayer(WireModel):
+    """The maximum (first maximum takes the gradient, as PyTorch) or mean of each window."""
+
+    type: Literal["maxpool2d", "avgpool2d"]
+    kernel: Pair = 2
+    stride: Pair | None = Field(None, description="default: the kernel")
+    padding: Pair = 0
+
+
+class BatchNormLayer(WireModel):
+    """Per channel over (N, H, W) for an image, per feature over N otherwise: train mode
+    normalises with the batch's statistics, eval mode with the given running ones. The
+    learnable gamma and beta count as parameters. `activation` follows the normalisation
+    (conv (linear) -> batchnorm (relu) is PyTorch's Conv-BN-ReLU)."""
+
+    type: Literal["batchnorm"]
+    mode: Mode = "train"
+    eps: float = Field(1e-5, ge=0.0, allow_inf_nan=False)
+    activation: Activation = "linear"
+    alpha: Alpha = 0.01
+
+
+class FlattenLayer(WireModel):
+    """(N, C, H, W) -> (N, C * H * W), C, H, W order (torch.flatten(x, 1))."""
+
+    type: Literal["flatten"]
+
+
+def layer_type(layer: Any) -> str:
+    """A layer's `type`; a layer without one is dense (the contract's `{"units", ...}`)."""
+    if isinstance(layer, dict):
+        return str(layer.get("type", "dense"))
+    return str(getattr(layer, "type", "dense"))
+
+
+LayerSpec = Annotated[
+    Union[  # noqa: UP007
+        Annotated[DenseLayer, Tag("dense")],
+        Annotated[Conv2dLayer, Tag("conv2d")],
+        Annotated[PoolLayer, Tag("maxpool2d")],
+        Annotated[PoolLayer, Tag("avgpool2d")],
+        Annotated[BatchNormLayer, Tag("batchnorm")],
+        Annotated[FlattenLayer, Tag("flatten")],
+    ],
+    Discriminator(layer_type),
+]
 
 
 class WeightsSpec(WireModel):
-    """One layer's parameters."""
+    """One layer's parameters: `W` and `b` (dense: (fan_in, units), (units,); conv2d:
+    (F, C, kh, kw), (F,)), `gamma` and `beta` (batchnorm, (C,)) and in eval mode
+    `running_mean` and `running_var`; `{}` for a layer without parameters."""
 
-    W: Tensor = Field(description="(fan_in, units)")
-    b: Tensor = Field(description="(units,)")
+    W: Tensor | None = None
+    b: Tensor | None = None
+    gamma: Tensor | None = None
+    beta: Tensor | None = None
+    running_mean: Tensor | None = None
+    running_var: Tensor | None = None
 
 
 class InitSpec(WireModel):
-    """Draws W = N(0, 1) * scale (biases 0): he sqrt(2 / fan_in), xavier sqrt(1 / fan_in),
-    small 0.01, zeros 0."""
+    """Draws W = N(0, 1) * scale (biases 0; batchnorm gamma 1, beta 0, running mean 0 and
+    variance 1): he sqrt(2 / fan_in), xavier sqrt(1 / fan_in), small 0.01, zeros 0, with
+    fan_in = C * kh * kw for a conv layer."""
 
     scheme: Scheme = "he"
     seed: Seed = 0
 
 
 class RandomBatchSpec(WireModel):
-    """x ~ N(0, 1); labels uniform in [0, classes) for the class losses, targets ~ N(0, 1)
-    for mse."""
+    """x ~ N(0, 1); labels uniform in [0, classes) for the class losses (-1 or +1 for the
+    binary hinge), targets ~ N(0, 1) for mse and uniform in [0, 1) for bce_with_logits."""
 
     size: int = Field(ge=1, description="examples in the batch")
     seed: Seed = 0
@@ -60,13 +138,14 @@ class RandomBatchSpec(WireModel):
 class BatchSpec(WireModel):
     """Either an explicit batch (`x`, with `y` unless the loss is `sum`) or `random`."""
 
-    x: Annotated[list[list[Number]], Field(min_length=1)] | None = Field(
-        None, description="(N, input_dim) examples, one per row"
+    x: Annotated[list[Tensor], Field(min_length=1)] | None = Field(
+        None, description="(N, input_dim) or (N, C, H, W) examples"
     )
     y: Tensor | None = Field(
         None,
-        description="(N,) integer class labels (softmax_cross_entropy, svm_hinge); (N, units) "
-        "targets, or (N,) for one output unit (mse); not needed for sum",
+        description="(N,) integer class labels (softmax_cross_entropy, svm_hinge; -1 or +1 "
+        "for svm_hinge on one output unit); (N, units) targets, or (N,) for one output unit "
+        "(mse; bce_with_logits, in [0, 1]); not needed for sum",
     )
     random: RandomBatchSpec | None = None
 
@@ -80,15 +159,18 @@ class BatchSpec(WireModel):
 
 
 class NetworkRequest(WireModel):
-    """A fully-connected network, lowered to a graph of the engine's ops."""
+    """A network of dense and convolutional layers, lowered to a graph of the engine's ops."""
 
-    input_dim: int = Field(ge=1, description="features per example")
+    input_dim: int | None = Field(None, ge=1, description="features per example")
+    input_shape: Annotated[list[Size], Field(min_length=1, max_length=3)] | None = Field(
+        None, description="instead of input_dim: [C, H, W] for images (NCHW)"
+    )
     layers: Annotated[list[LayerSpec], Field(min_length=1)] = Field(
         description="the layers after the input, in order (the input layer is not counted)"
     )
     loss: Loss
     weights: list[WeightsSpec] | None = Field(
-        None, description="explicit W and b per layer (otherwise `init` draws them)"
+        None, description="explicit parameters per layer (otherwise `init` draws them)"
     )
     init: InitSpec | None = Field(
         None, description="how to draw the weights when `weights` is absent (default he, seed 0)"
@@ -100,6 +182,7 @@ class NetworkRequest(WireModel):
     l2: float = Field(
         0.0, ge=0.0, allow_inf_nan=False, description="adds 0.5 * l2 * sum(W^2) over every W"
     )
+    l2_biases: bool = Field(False, description="the l2 term penalises every b too")
     include: list[Literal["gradients"]] = Field(
         default_factory=list, description='"gradients": add `nodes`, as in /v1/graph'
     )
@@ -111,67 +194,87 @@ class NetworkRequest(WireModel):
     dtype: Dtype = "float64"
     thresholds: Thresholds = Thresholds()
 
+    @model_validator(mode="after")
+    def _one_input(self) -> NetworkRequest:
+        if (self.input_dim is None) == (self.input_shape is None):
+            raise ValueError("give either `input_dim` or `input_shape`")
+        return self
+
 
 # --- response --------------------------------------------------------------------------
 
 
 class NetworkParameters(BaseModel):
-    neurons: int = Field(description="sum of units")
-    weights: int = Field(description="sum of fan_in * units")
-    biases: int = Field(description="sum of units")
-    total: int = Field(description="weights + biases")
+    neurons: int = Field(description="dense units + conv filters")
+    weights: int = Field(description="the elements of every W")
+    biases: int = Field(description="the elements of every b")
+    batchnorm: int = Field(0, description="batchnorm gamma and beta")
+    total: int = Field(description="weights + biases + batchnorm")
 
 
 class LayerParameters(BaseModel):
     weights: int
     biases: int
+    batchnorm: int = 0
 
 
 class GradNorms(BaseModel):
-    W: Number = Field(description="||d loss / d W|| (Frobenius)")
-    b: Number = Field(description="||d loss / d b||")
-    z: Number = Field(description="||d loss / d z||, z the pre-activation (N, units)")
+    W: Number | None = Field(None, description="||d loss / d W|| (Frobenius)")
+    b: Number | None = Field(None, description="||d loss / d b||")
+    gamma: Number | None = None
+    beta: Number | None = None
+    z: Number | None = Field(None, description="||d loss / d z||, z the pre-activation")
 
 
 class LayerReport(BaseModel):
     index: int = Field(description="1-based; the input layer is not counted")
-    units: int
-    activation: Activation
-    fan_in: int
+    type: str = Field(description="dense, conv2d, maxpool2d, avgpool2d, batchnorm, flatten")
+    shape: list[int] = Field(description="the layer's output per example: [units] or [C, H, W]")
+    units: int | None = Field(None, description="units, filters or channels (axis 1)")
+    filters: int | None = Field(None, description="conv2d: F")
+    activation: Activation | None = None
+    fan_in: int | None = None
     parameters: LayerParameters
-    dead_units: int = Field(description="relu/leaky_relu units with z <= 0 on every example")
-    dead_unit_indices: list[int]
-    dead_fraction: float = Field(description="dead_units / units")
-    dead_activation_fraction: float = Field(description="activations with z <= 0 / N * units")
-    saturated_units: int = Field(
-        description="sigmoid/tanh units within saturation_eps of a bound on every example"
+    dead_units: int = Field(
+        0, description="relu/leaky_relu units (conv: filters) with z <= 0 on every example"
     )
-    saturated_unit_indices: list[int]
-    saturated_fraction: float = Field(description="saturated_units / units")
-    saturated_activation_fraction: float
+    dead_unit_indices: list[int] = Field(default_factory=list)
+    dead_fraction: float = Field(0.0, description="dead_units / units")
+    dead_activation_fraction: float = Field(0.0, description="activations with z <= 0")
+    saturated_units: int = Field(
+        0, description="sigmoid/tanh units within saturation_eps of a bound on every example"
+    )
+    saturated_unit_indices: list[int] = Field(default_factory=list)
+    saturated_fraction: float = Field(0.0, description="saturated_units / units")
+    saturated_activation_fraction: float = 0.0
+    channel_active_fraction: list[float] | None = Field(
+        None, description="image layers: per channel, the fraction of (n, h, w) with z > 0"
+    )
     activation_mean: Number
     activation_std: Number
-    weight_norm: Number = Field(description="||W|| (Frobenius)")
+    weight_norm: Number | None = Field(None, description="||W|| (Frobenius)")
     grad_norm: GradNorms
-    update_ratio: Number | None = Field(description="||dW|| / ||W||; null when ||W|| is 0")
+    update_ratio: Number | None = Field(None, description="||dW|| / ||W||; null when ||W|| is 0")
     status: Literal["ok", "warn", "fail"] = Field(description="the worst finding at this layer")
 
 
 class NetworkResponse(BaseModel):
-    name: str = Field(description='"3-layer neural network": the input layer is not counted')
+    name: str = Field(description='"3-layer neural network": layers with weights count')
     loss: Number = Field(description="the total loss: data loss + l2 term")
     data_loss: Number
-    l2_loss: Number = Field(description="0.5 * l2 * sum(W^2)")
-    input_dim: int
+    l2_loss: Number = Field(description="0.5 * l2 * sum(W^2) (and b^2 with l2_biases)")
+    input_dim: int | None = None
+    input_shape: list[int]
     batch_size: int
     dtype: Literal["float64", "float32"]
     parameters: NetworkParameters
     layers: list[LayerReport]
     gradient_ratio: Number | None = Field(
-        description="||dW layer1|| / ||dW last layer||; null with one layer or a zero last"
+        description="||dW first|| / ||dW last|| (layers with weights); null with one such layer "
+        "or a zero last"
     )
     signal_ratio: Number | None = Field(
-        description="||dz layer1|| / ||dz last layer|| (d loss / d pre-activation); null likewise"
+        description="||dz first|| / ||dz last|| (d loss / d pre-activation); null likewise"
     )
     health: Health
     nodes: dict[str, NodeReport] | None = Field(

@@ -440,9 +440,9 @@ def layer_table(n: NetworkResponse) -> list[str]:
         saturating = layer.activation in ("sigmoid", "tanh")
         rows.append(
             (
-                str(layer.index),
-                str(layer.units),
-                layer.activation,
+                f"{layer.index} {layer.type}",
+                "-" if layer.units is None else str(layer.units),
+                layer.activation or "-",
                 percent(layer.dead_units, layer.dead_fraction) if dead else "-",
                 percent(layer.saturated_units, layer.saturated_fraction) if saturating else "-",
                 num(layer.grad_norm.W),

@@ -4,6 +4,7 @@ the report is shaped from that one run."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,14 +13,18 @@ from flask import current_app, g
 from gradiag.engine import EngineError, LimitError, Result, run
 from gradiag.engine.network import (
     Batch,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
     Init,
     Layer,
     LayerDiagnostics,
     NetworkDiagnostics,
     NetworkLimits,
     NetworkSpec,
+    Pool,
     RandomBatch,
-    Weights,
     check_network,
     compile_network,
     leaf_values,
@@ -27,7 +32,14 @@ from gradiag.engine.network import (
     with_leaves,
 )
 from gradiag.engine.tensors import to_array, to_wire
-from gradiag.schemas.network import NetworkRequest
+from gradiag.schemas.network import (
+    BatchNormLayer,
+    Conv2dLayer,
+    DenseLayer,
+    FlattenLayer,
+    NetworkRequest,
+    PoolLayer,
+)
 from gradiag.service.body import parse_body
 from gradiag.service.config import Settings
 from gradiag.service.errors import ProblemError, engine_problem
@@ -41,8 +53,11 @@ def network_spec(request: NetworkRequest) -> NetworkSpec:
     weights = None
     if request.weights is not None:
         weights = tuple(
-            Weights(to_array(w.W, ("weights", k, "W")), to_array(w.b, ("weights", k, "b")))
-            for k, w in enumerate(request.weights)
+            {
+                name: to_array(value, ("weights", k, name))
+                for name, value in entry.model_dump(exclude_none=True).items()
+            }
+            for k, entry in enumerate(request.weights)
         )
     batch: Batch | RandomBatch
     wire = request.batch
@@ -52,16 +67,39 @@ def network_spec(request: NetworkRequest) -> NetworkSpec:
         assert wire.x is not None  # BatchSpec: x or random
         y = None if wire.y is None else to_array(wire.y, ("batch", "y"))
         batch = Batch(to_array(wire.x, ("batch", "x")), y)
+    shape = (request.input_dim,) if request.input_dim is not None else request.input_shape
+    assert shape is not None  # NetworkRequest: input_dim or input_shape
     return NetworkSpec(
-        input_dim=request.input_dim,
-        layers=tuple(Layer(s.units, s.activation, s.alpha) for s in request.layers),
+        input_shape=tuple(shape),
+        layers=tuple(map(engine_layer, request.layers)),
         loss=request.loss,
         weights=weights,
         init=None if request.init is None else Init(request.init.scheme, request.init.seed),
         batch=batch,
         l2=request.l2,
+        l2_biases=request.l2_biases,
         dtype=request.dtype,
     )
+
+
+def _pair(value: int | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+def engine_layer(wire: Any) -> Layer:
+    """A wire layer as the engine's (a kernel, stride or padding given as one int is square)."""
+    if isinstance(wire, DenseLayer):
+        return Dense(wire.units, wire.activation, wire.alpha)
+    if isinstance(wire, Conv2dLayer):
+        pairs = (_pair(wire.kernel), _pair(wire.stride), _pair(wire.padding))
+        return Conv2d(wire.filters, *pairs, activation=wire.activation, alpha=wire.alpha)
+    if isinstance(wire, PoolLayer):
+        stride = None if wire.stride is None else _pair(wire.stride)
+        return Pool(wire.type, _pair(wire.kernel), stride, _pair(wire.padding))
+    if isinstance(wire, BatchNormLayer):
+        return BatchNorm(wire.mode, wire.activation, wire.alpha, wire.eps)
+    assert isinstance(wire, FlattenLayer)
+    return Flatten()
 
 
 def network_limits(settings: Settings) -> NetworkLimits:
@@ -115,19 +153,21 @@ def network_problem(err: EngineError) -> ProblemError:
 def network_report(
     done: DiagnosedNetwork, *, gradients: bool, explain: bool = False
 ) -> dict[str, Any]:
-    d = done.diagnostics
+    d, spec = done.diagnostics, done.spec
     report: dict[str, Any] = {
         "name": d.name,
         "loss": to_wire(d.loss),
         "data_loss": to_wire(d.data_loss),
         "l2_loss": to_wire(d.l2_loss),
-        "input_dim": done.spec.input_dim,
-        "batch_size": done.spec.batch_size,
-        "dtype": done.spec.dtype,
+        "input_dim": spec.input_shape[0] if len(spec.input_shape) == 1 else None,
+        "input_shape": list(spec.input_shape),
+        "batch_size": spec.batch_size,
+        "dtype": spec.dtype,
         "parameters": {
             "neurons": d.parameters.neurons,
             "weights": d.parameters.weights,
             "biases": d.parameters.biases,
+            "batchnorm": d.parameters.batchnorm,
             "total": d.parameters.total,
         },
         "layers": [layer_report(layer) for layer in d.layers],
@@ -141,42 +181,57 @@ def network_report(
 
 
 def layer_report(layer: LayerDiagnostics) -> dict[str, Any]:
-    ratio = layer.update_ratio
-    return {
-        "index": layer.index,
-        "units": layer.units,
-        "activation": layer.activation,
-        "fan_in": layer.fan_in,
-        "parameters": {"weights": layer.weights, "biases": layer.biases},
-        "dead_units": layer.dead_units,
-        "dead_unit_indices": layer.dead_unit_indices,
-        "dead_fraction": layer.dead_fraction,
-        "dead_activation_fraction": layer.dead_activation_fraction,
-        "saturated_units": layer.saturated_units,
-        "saturated_unit_indices": layer.saturated_unit_indices,
-        "saturated_fraction": layer.saturated_fraction,
-        "saturated_activation_fraction": layer.saturated_activation_fraction,
+    """A layer's entry: what it is, its parameters, its units' health, its norms."""
+    stage, reading = layer.stage, layer.reading
+    params = {name: math.prod(shape) for name, shape in stage.params.items()}
+    units = layer.units
+    dead, saturated = layer.dead_unit_indices, layer.saturated_unit_indices
+    gate = reading.fraction if reading is not None else 0.0
+    dying = reading is not None and reading.op in ("relu", "leaky_relu")
+    report: dict[str, Any] = {
+        "index": stage.index,
+        "type": getattr(stage.layer, "op", stage.layer.kind),
+        "shape": list(stage.out[1:]),
+        "units": units,
+        "activation": getattr(stage.layer, "activation", None),
+        "parameters": {
+            "weights": params.get("W", 0),
+            "biases": params.get("b", 0),
+            "batchnorm": params.get("gamma", 0) + params.get("beta", 0),
+        },
+        "dead_units": len(dead),
+        "dead_unit_indices": dead,
+        "dead_fraction": len(dead) / units,
+        "dead_activation_fraction": gate if dying else 0.0,
+        "saturated_units": len(saturated),
+        "saturated_unit_indices": saturated,
+        "saturated_fraction": len(saturated) / units,
+        "saturated_activation_fraction": gate if saturated or (not dying and reading) else 0.0,
         "activation_mean": to_wire(layer.activation_mean),
         "activation_std": to_wire(layer.activation_std),
-        "weight_norm": to_wire(layer.weight_norm),
-        "grad_norm": {
-            "W": to_wire(layer.grad_norm_W),
-            "b": to_wire(layer.grad_norm_b),
-            "z": to_wire(layer.grad_norm_z),
-        },
-        "update_ratio": None if ratio is None else to_wire(ratio),
+        "weight_norm": None if layer.weight_norm is None else to_wire(layer.weight_norm),
+        "grad_norm": {part: to_wire(value) for part, value in layer.grad_norms.items()},
+        "update_ratio": None if layer.update_ratio is None else to_wire(layer.update_ratio),
         "status": layer.status,
     }
+    if "W" in stage.params:
+        report["fan_in"] = stage.layer.fan_in(stage.x)
+    if isinstance(stage.layer, Conv2d):
+        report["filters"] = stage.layer.filters
+    if layer.channel_active_fraction is not None:
+        report["channel_active_fraction"] = layer.channel_active_fraction
+    return report
 
 
 def report_summary(done: DiagnosedNetwork) -> ReportSummary:
     """For the metrics hook: dead and saturated fractions over the units that can be so."""
     layers = done.diagnostics.layers
-    relu = [(layer.dead_units, layer.units) for layer in layers if layer.activation == "relu"]
+    readings = [(layer.reading, layer) for layer in layers if layer.reading is not None]
+    relu = [(len(layer.dead_unit_indices), layer.units) for r, layer in readings if r.op == "relu"]
     gates = [
-        (layer.saturated_units, layer.units)
-        for layer in layers
-        if layer.activation in ("sigmoid", "tanh")
+        (len(layer.saturated_unit_indices), layer.units)
+        for r, layer in readings
+        if r.op in ("sigmoid", "tanh")
     ]
     return ReportSummary(
         kind="network",
