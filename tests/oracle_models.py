@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -76,7 +76,6 @@ class OracleModel:
     l2_biases: bool = False
     train: dict[str, Any] | None = None
     init_seed: int | None = None  # He weights drawn as gradiag's `init` does with this seed
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def params(self) -> dict[str, Array]:
         """Every parameter under gradiag's name `layer{i}.<key>` (running stats included)."""
@@ -423,6 +422,14 @@ def training_sweep(lr: float, seed: int) -> OracleModel:
     }
     data = uniform_dataset(SWEEP_DATA_STREAM + seed, SWEEP["examples"])
     return _train_model(f"sweep_lr{lr:g}_s{seed}", seed, data, train, 0.0)
+
+
+def sweep_body(seed: int) -> dict[str, Any]:
+    """The sweep of one seed as one request: `"lr"` the list SWEEP_LRS (the contract's
+    learning-rate sweep, one run per rate from the same start)."""
+    body = network_body(training_sweep(SWEEP_LRS[0], seed))
+    body["train"]["lr"] = list(SWEEP_LRS)
+    return body
 
 
 # --- request bodies ----------------------------------------------------------------------

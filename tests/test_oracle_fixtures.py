@@ -258,6 +258,13 @@ def test_sweep_fixture_and_numpy_reference() -> None:
         assert x_sums == pytest.approx(om.checksum(model.x), rel=1e-12), key
 
 
+def test_sweep_body_is_one_request_per_seed() -> None:
+    body = om.sweep_body(3)
+    assert body["train"]["lr"] == [0.1, 0.5, 1.0, 2.0] and body["train"]["seed"] == 3
+    assert body["train"]["momentum"] == 0.0 and "l2" not in body
+    assert body["batch"]["x"] == om.training_sweep(2.0, 3).x.tolist()
+
+
 @pytest.mark.parametrize(("lr", "seed"), [(0.1, 0), (1.0, 2)])
 def test_numpy_sgd_reproduces_the_sweeps_dead_fractions(lr: float, seed: int) -> None:
     """The NumPy loop the training feature will be compared with gives torch's final dead

@@ -237,8 +237,8 @@ def set_to_initializers(matches: dict[str, Match], inits: dict[str, np.ndarray])
 def answer_model(
     name: str, todo: list[Export], om: Any, out: Path
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Every export of one model; the gradients of a name two exports share are stored once
-    (and checked equal)."""
+    """Every export of one model. A gradient two exports share (same initializer name, same
+    values) is stored once; a name whose gradient differs gets the exporter in its key."""
     model = om.ONNX_MODELS[name]()
     arrays: dict[str, np.ndarray] = {}
     summary: dict[str, Any] = {
