@@ -145,7 +145,20 @@ def export(module: nn.Module, x: torch.Tensor, e: Export) -> bytes:
             return buffer.getvalue()
         program = torch.onnx.export(module, (x,), dynamo=True, opset_version=DYNAMO_OPSET)
         assert program is not None
-        return program.model_proto.SerializeToString()
+        return portable(program.model_proto)
+
+
+def portable(proto: onnx.ModelProto) -> bytes:
+    """The dynamo export without its `pkg.torch.onnx.stack_trace` metadata: source paths and
+    line numbers of this checkout (and of its venv), which would make the bytes depend on
+    where and from which revision the fixture was recorded. The other metadata stays."""
+    for entry in (*proto.graph.node, *proto.graph.value_info):
+        kept = [p for p in entry.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del entry.metadata_props[:]
+        entry.metadata_props.extend(kept)
+    data = proto.SerializeToString()
+    assert str(c.REPO).encode() not in data and b"site-packages" not in data
+    return data
 
 
 # --- mirrors -----------------------------------------------------------------------------
