@@ -85,6 +85,9 @@ class FlattenLayer(WireModel):
     type: Literal["flatten"]
 
 
+LAYER_TYPES = ("dense", "conv2d", "maxpool2d", "avgpool2d", "batchnorm", "flatten")
+
+
 def layer_type(layer: Any) -> str:
     """A layer's `type`; a layer without one is dense (the contract's `{"units", ...}`)."""
     if isinstance(layer, dict):

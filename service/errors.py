@@ -21,7 +21,7 @@ from gradiag.schemas.graph import (
     ExpressionRequest,
     GraphRequest,
 )
-from gradiag.schemas.network import NetworkRequest
+from gradiag.schemas.network import LAYER_TYPES, NetworkRequest
 
 log = logging.getLogger("gradiag")
 
@@ -182,13 +182,19 @@ def clean_loc(loc: Iterable[Any], *, tag_field: str | None = None) -> tuple[Any,
         if part in SCALAR_BRANCHES and out and (isinstance(out[-1], int) or out[-1] in SCALARS):
             continue  # a union of scalars in a list (columns.value) or in a field
         is_tag = (
-            len(out) >= 2 and out[-2] == "nodes" and isinstance(out[-1], int) and part in ALL_OPS
+            len(out) >= 2
+            and isinstance(out[-1], int)
+            and (out[-2], part) in TAGGED_LISTS
         )
         if not is_tag:
             out.append(part)
     if tag_field is not None:
         out.append(tag_field)
     return tuple(out)
+
+
+# (a list field, a tag of its items' union): the tag Pydantic puts in an item's error loc
+TAGGED_LISTS = {("nodes", op) for op in ALL_OPS} | {("layers", kind) for kind in LAYER_TYPES}
 
 
 def _union_field(path: list[Any]) -> str | None:

@@ -167,7 +167,7 @@ def network_report(
             "neurons": d.parameters.neurons,
             "weights": d.parameters.weights,
             "biases": d.parameters.biases,
-            "batchnorm": d.parameters.batchnorm,
+            **({"batchnorm": d.parameters.batchnorm} if d.parameters.batchnorm else {}),
             "total": d.parameters.total,
         },
         "layers": [layer_report(layer) for layer in d.layers],
@@ -197,7 +197,7 @@ def layer_report(layer: LayerDiagnostics) -> dict[str, Any]:
         "parameters": {
             "weights": params.get("W", 0),
             "biases": params.get("b", 0),
-            "batchnorm": params.get("gamma", 0) + params.get("beta", 0),
+            **({"batchnorm": params["gamma"] + params["beta"]} if "gamma" in params else {}),
         },
         "dead_units": len(dead),
         "dead_unit_indices": dead,

@@ -21,18 +21,16 @@ from gradiag.engine.network import (
     LOSS_OPS,
     Batch,
     Init,
-    Layer,
+    Dense,
     NetworkLimits,
     NetworkSpec,
     RandomBatch,
-    Weights,
     check_network,
     init_weights,
     lower,
     network_diagnostics,
     parameter_counts,
     placeholder_leaves,
-    unread_gradients,
 )
 from gradiag.engine.network import build_graph as build_network_graph
 from gradiag.engine.ops import OPS
@@ -171,7 +169,15 @@ def test_saturated_unit_is_found(client: FlaskClient, activation: str) -> None:
     assert layer1["saturated_unit_indices"] == [1]
     assert layer1["saturated_fraction"] == 0.5
     assert layer1["dead_units"] == 0
-    assert codes(report) == {f"saturated_{activation}": ("fail", "layer1")}
+    # >= 25% of the layer's activations saturated warns (saturated_activations)
+    a = np.array(report["nodes"]["layer1.a"]["value"])
+    low = 0.0 if activation == "sigmoid" else -1.0
+    saturated = np.mean((a < low + 0.01) | (a > 1 - 0.01))
+    assert layer1["saturated_activation_fraction"] == saturated >= 0.5
+    assert codes(report) == {
+        f"saturated_{activation}": ("fail", "layer1"),
+        "saturated_activations": ("warn", "layer1"),
+    }
     # The saturated unit passes (almost) no gradient back to its weights.
     dW1 = np.array(report["nodes"]["layer1.W"]["grad"])
     assert np.max(np.abs(dW1[:, 1])) < 1e-7 < np.min(np.abs(dW1[:, 0]))
@@ -211,7 +217,12 @@ def test_thresholds_override_changes_the_verdict(client: FlaskClient) -> None:
     nearly["thresholds"] = {"saturation_eps": 0.05}
     report = post(client, nearly)
     assert report["layers"][0]["saturated_unit_indices"] == [1]
-    assert codes(report) == {"saturated_sigmoid": ("fail", "layer1")}
+    assert codes(report) == {
+        "saturated_sigmoid": ("fail", "layer1"),
+        "saturated_activations": ("warn", "layer1"),
+    }
+    nearly["thresholds"] = {"saturation_eps": 0.05, "saturated_activations_warn": 0.6}
+    assert codes(post(client, nearly)) == {"saturated_sigmoid": ("fail", "layer1")}
 
 
 # --- gradient flow: vanishing, exploding, non-finite -------------------------------------
@@ -311,8 +322,8 @@ def numerical_gradient(program: Program, leaf: int, h: float = 1e-6) -> np.ndarr
 def small_spec(activation: str, loss: str, l2: float = 0.0) -> NetworkSpec:
     """3 -> 4 `activation` -> 3 linear on a random batch of 5."""
     return NetworkSpec(
-        input_dim=3,
-        layers=(Layer(4, activation), Layer(3, "linear")),
+        input_shape=(3,),
+        layers=(Dense(4, activation), Dense(3, "linear")),
         loss=loss,
         init=Init("xavier", seed=3),
         batch=RandomBatch(5, seed=4),
@@ -361,7 +372,10 @@ def test_losses_have_their_definitions() -> None:
         else:
             y = values["y"].astype(int)
             rows = np.arange(len(y))
-            if loss == "softmax_cross_entropy":
+            if loss == "bce_with_logits":
+                t = values["y"]
+                expected = np.mean(np.maximum(s, 0) - s * t + np.log1p(np.exp(-np.abs(s))))
+            elif loss == "softmax_cross_entropy":
                 p = np.exp(s) / np.exp(s).sum(axis=1, keepdims=True)
                 expected = -np.mean(np.log(p[rows, y]))
             else:
@@ -481,7 +495,7 @@ def test_init_is_reproducible_from_its_seed(client: FlaskClient) -> None:
     assert runs[0]["layer1.W"]["value"] != runs[2]["layer1.W"]["value"]
     assert runs[0]["X"]["value"] == runs[2]["X"]["value"]  # the batch has its own seed
     assert runs[0]["layer1.b"]["value"] == [0.0] * 4
-    W = init_weights(NetworkSpec(3, (Layer(4),), "sum", init=Init("he", 5)))[0].W
+    W = init_weights(NetworkSpec((3,), (Dense(4),), "sum", init=Init("he", 5)))[0]["W"]
     assert W.tolist() == runs[0]["layer1.W"]["value"]
     assert np.array_equal(W, np.random.default_rng(5).standard_normal((3, 4)) * np.sqrt(2 / 3))
 
@@ -491,15 +505,15 @@ def test_init_is_reproducible_from_its_seed(client: FlaskClient) -> None:
     [("he", np.sqrt(2 / 400)), ("xavier", np.sqrt(1 / 400)), ("small", 0.01), ("zeros", 0.0)],
 )
 def test_init_schemes_have_their_scale(scheme: str, std: float) -> None:
-    spec = NetworkSpec(400, (Layer(200), Layer(10)), "sum", init=Init(scheme, 0))
+    spec = NetworkSpec((400,), (Dense(200), Dense(10)), "sum", init=Init(scheme, 0))
     first, second = init_weights(spec)
-    assert first.W.shape == (400, 200) and second.W.shape == (200, 10)
-    assert float(np.std(first.W)) == pytest.approx(std, rel=0.02)
-    assert abs(float(np.mean(first.W))) <= 0.01 * std + 1e-12
-    assert float(np.std(second.W)) == pytest.approx(INIT_SCALES[scheme](200), rel=0.1)
-    assert not first.b.any() and not second.b.any()
+    assert first["W"].shape == (400, 200) and second["W"].shape == (200, 10)
+    assert float(np.std(first["W"])) == pytest.approx(std, rel=0.02)
+    assert abs(float(np.mean(first["W"]))) <= 0.01 * std + 1e-12
+    assert float(np.std(second["W"])) == pytest.approx(INIT_SCALES[scheme](200), rel=0.1)
+    assert not first["b"].any() and not second["b"].any()
     if scheme == "zeros":
-        assert not np.signbit(first.W).any()  # no -0.0
+        assert not np.signbit(first["W"]).any()  # no -0.0
 
 
 def test_random_batch_draws_labels_in_range_and_targets(client: FlaskClient) -> None:
@@ -521,10 +535,10 @@ def test_random_batch_draws_labels_in_range_and_targets(client: FlaskClient) -> 
 
 def test_mse_targets_of_one_unit_may_be_flat() -> None:
     spec = NetworkSpec(
-        2,
-        (Layer(1, "linear"),),
+        (2,),
+        (Dense(1, "linear"),),
         "mse",
-        weights=(Weights(np.array([[1.0], [1.0]]), np.array([0.0])),),
+        weights=({"W": np.array([[1.0], [1.0]]), "b": np.array([0.0])},),
         batch=Batch(np.array(X3), np.array([3.0, 2.0, 0.0])),
     )
     check_network(spec)
@@ -696,8 +710,8 @@ def test_engine_errors_are_titled_invalid_network(client: FlaskClient) -> None:
 
 def test_network_diagnostics_straight_from_the_engine() -> None:
     spec = NetworkSpec(
-        input_dim=3,
-        layers=(Layer(4, "relu"), Layer(4, "sigmoid"), Layer(1, "linear")),
+        input_shape=(3,),
+        layers=(Dense(4, "relu"), Dense(4, "sigmoid"), Dense(1, "linear")),
         loss="mse",
         init=Init("he", 0),
         batch=RandomBatch(32, 0),
@@ -708,7 +722,7 @@ def test_network_diagnostics_straight_from_the_engine() -> None:
     result = run(compile_graph(*lower(spec)))
     diagnostics = network_diagnostics(result, spec, Thresholds())
     assert diagnostics.name == "3-layer neural network"
-    assert [layer.fan_in for layer in diagnostics.layers] == [3, 4, 4]
+    assert [layer.stage.layer.fan_in(layer.stage.x) for layer in diagnostics.layers] == [3, 4, 4]
     assert diagnostics.loss == float(result.values[result.program.output])
 
 
@@ -764,7 +778,7 @@ def test_no_grad_leaf_skips_its_matmul_and_changes_no_other_gradient(
         return affine.backward(dout, cache, needs)
 
     monkeypatch.setitem(OPS, "affine", dataclasses.replace(affine, backward=spy))
-    program = compile_graph(nodes, output, no_grad=unread_gradients(gradients=False))
+    program = compile_graph(nodes, output, no_grad=frozenset({"X"}))
     skipped = run(program)
     assert calls == [(True, True, True), (False, True, True)]  # layer 2, then layer 1 (X)
     for i, node in enumerate(program.node_ids()):
@@ -781,8 +795,8 @@ def test_no_grad_leaf_skips_its_matmul_and_changes_no_other_gradient(
 
 def test_float32_leaves_are_cast_as_drawn_and_compile_copies_none() -> None:
     spec = NetworkSpec(
-        input_dim=5,
-        layers=(Layer(4, "relu"), Layer(3, "linear")),
+        input_shape=(5,),
+        layers=(Dense(4, "relu"), Dense(3, "linear")),
         loss="mse",
         init=Init("he", 2),
         batch=RandomBatch(6, 3),
@@ -793,7 +807,7 @@ def test_float32_leaves_are_cast_as_drawn_and_compile_copies_none() -> None:
     assert {value.dtype for value in leaves.values()} == {np.dtype(np.float32)}
     wide = init_weights(spec)  # float64, as drawn
     for i, w in enumerate(wide, start=1):
-        np.testing.assert_array_equal(leaves[f"layer{i}.W"], w.W.astype(np.float32))
+        np.testing.assert_array_equal(leaves[f"layer{i}.W"], w["W"].astype(np.float32))
     program = compile_graph(nodes, output, dtype=np.float32)
     for i, value in program.tensors.items():
         assert value is leaves[program.node_id(i)]  # the same array: no copy
@@ -806,8 +820,8 @@ def test_float32_request_allocates_little_beyond_the_tensors_it_keeps() -> None:
     import tracemalloc
 
     spec = NetworkSpec(
-        input_dim=64,
-        layers=(Layer(256, "relu"), Layer(256, "relu"), Layer(10, "linear")),
+        input_shape=(64,),
+        layers=(Dense(256, "relu"), Dense(256, "relu"), Dense(10, "linear")),
         loss="softmax_cross_entropy",
         init=Init("he", 0),
         batch=RandomBatch(128, 0),
@@ -816,7 +830,7 @@ def test_float32_request_allocates_little_beyond_the_tensors_it_keeps() -> None:
 
     def request() -> Result:
         nodes, output = lower(spec)
-        no_grad = unread_gradients(gradients=False)
+        no_grad = frozenset({"X"})
         result = run(compile_graph(nodes, output, dtype=np.float32, no_grad=no_grad))
         network_diagnostics(result, spec, Thresholds())
         return result
@@ -835,8 +849,8 @@ def test_float32_request_allocates_little_beyond_the_tensors_it_keeps() -> None:
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_layer_norms_and_moments_are_the_float64_formulas(dtype: str) -> None:
     spec = NetworkSpec(
-        input_dim=6,
-        layers=(Layer(5, "tanh"), Layer(4, "relu"), Layer(2, "linear")),
+        input_shape=(6,),
+        layers=(Dense(5, "tanh"), Dense(4, "relu"), Dense(2, "linear")),
         loss="mse",
         init=Init("xavier", 4),
         batch=RandomBatch(7, 5),
@@ -857,7 +871,7 @@ def test_layer_norms_and_moments_are_the_float64_formulas(dtype: str) -> None:
         assert layer.weight_norm == pytest.approx(norm(result.values[at[f"{name}.W"]]), rel=rel)
         for part in ("W", "b", "z"):
             want = norm(result.grad(at[f"{name}.{part}"]))
-            assert getattr(layer, f"grad_norm_{part}") == pytest.approx(want, rel=rel)
+            assert layer.grad_norms[part] == pytest.approx(want, rel=rel)
 
 
 def test_relu_nan_input_propagates_and_is_reported_where_it_starts(client: FlaskClient) -> None:
