@@ -221,7 +221,7 @@ def test_thresholds_override_changes_the_verdict(client: FlaskClient) -> None:
         "saturated_sigmoid": ("fail", "layer1"),
         "saturated_activations": ("warn", "layer1"),
     }
-    nearly["thresholds"] = {"saturation_eps": 0.05, "saturated_activations_warn": 0.6}
+    nearly["thresholds"] = {"saturation_eps": 0.05, "saturated_activations_warn": 0.9}
     assert codes(post(client, nearly)) == {"saturated_sigmoid": ("fail", "layer1")}
 
 
