@@ -440,7 +440,7 @@ def layer_table(n: NetworkResponse) -> list[str]:
         saturating = layer.activation in ("sigmoid", "tanh")
         rows.append(
             (
-                f"{layer.index} {layer.type}",
+                str(layer.index) if layer.type == "dense" else f"{layer.index} {layer.type}",
                 "-" if layer.units is None else str(layer.units),
                 layer.activation or "-",
                 percent(layer.dead_units, layer.dead_fraction) if dead else "-",

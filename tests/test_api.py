@@ -351,8 +351,13 @@ def test_sigmoid_at_plus_minus_1000_is_finite(client: FlaskClient) -> None:
     assert grads(answer)["x"] == [0.0, 0.0]
     assert answer["diagnostics"]["nonfinite_nodes"] == []
     assert answer["diagnostics"]["sigmoid"]["saturated_elements"] == 2
+    assert answer["health"]["status"] == "ok"  # a vector has no batch axis: counted, not graded
+    body["nodes"][0] = inp("x", [[-1000.0, 1000.0]])  # one example of two units
+    answer = ok(post(client, body))
+    assert answer["diagnostics"]["sigmoid"]["saturated_units"] == 2
     assert answer["health"]["status"] == "fail"  # 100% saturated
-    assert [f["code"] for f in answer["health"]["findings"]] == ["saturated_sigmoid"]
+    codes = [f["code"] for f in answer["health"]["findings"]]
+    assert codes == ["saturated_sigmoid", "saturated_activations"]
 
 
 def test_softmax_cross_entropy_with_scores_of_1000_is_finite(client: FlaskClient) -> None:
