@@ -1,6 +1,6 @@
 """The convolutional ops of engine/conv.py against PyTorch CPU, forward + backward.
 
-    .venv-bench/bin/python bench/conv_ops.py [--rounds 15] [--threads N] [--quick]
+    .venv-bench/bin/python bench/conv_ops.py [--rounds 15] [--threads 1] [--quick]
 
 Runs in .venv-bench (torch exists there, never in the test environment). Every ratio is
 measured in this one run: gradiag's ops and torch's alternate in interleaved rounds after a
@@ -13,7 +13,13 @@ batch 64, then the whole net,
 
 in float64 and float32; every gradient is computed on both sides (the input batch's too),
 and torch's backward is torch.autograd.grad (Tensor.backward's accumulation into .grad
-is not part of the work compared). Threads: both libraries' defaults unless --threads.
+is not part of the work compared).
+
+Threads: one for each library by default, as the service runs (gunicorn sets
+OPENBLAS_NUM_THREADS=1 per worker, docs/configuration.md). `--threads 0` keeps each
+library's default; on a machine whose cores are shared, those figures swing by several times
+from run to run (one library's idle threads spin while the other's run), so they are not the
+reference.
 """
 
 from __future__ import annotations
@@ -167,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="0: each library's default")
+    parser.add_argument("--threads", type=int, default=1, help="0: each library's default")
     parser.add_argument("--quick", action="store_true", help="5 rounds, the net only")
     args = parser.parse_args()
     rounds = 5 if args.quick else args.rounds

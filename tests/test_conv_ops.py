@@ -81,24 +81,15 @@ def test_conv2d_one_channel_3x3_input_with_a_2x2_kernel_by_hand() -> None:
     b = np.array([1.0])
     out, (dx, dW, db) = run("conv2d", (x, W, b))
     # out[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1] + 1
-    np.testing.assert_array_equal(
-        out,
-        [
-            [
-                [
-                    [1 + 4 + 12 + 20 + 1, 2 + 6 + 15 + 24 + 1],
-                    [4 + 10 + 21 + 32 + 1, 5 + 12 + 24 + 36 + 1],
-                ]
-            ]
-        ],
-    )
+    row0 = [1 + 4 + 12 + 20 + 1, 2 + 6 + 15 + 24 + 1]
+    row1 = [4 + 10 + 21 + 32 + 1, 5 + 12 + 24 + 36 + 1]
+    np.testing.assert_array_equal(out[0, 0], [row0, row1])
     # dW[i, j]: the sum of the inputs that weight i, j saw; db: one per output
-    np.testing.assert_array_equal(
-        dW, [[[[1 + 2 + 4 + 5, 2 + 3 + 5 + 6], [4 + 5 + 7 + 8, 5 + 6 + 8 + 9]]]]
-    )
+    dW_rows = [[1 + 2 + 4 + 5, 2 + 3 + 5 + 6], [4 + 5 + 7 + 8, 5 + 6 + 8 + 9]]
+    np.testing.assert_array_equal(dW[0, 0], dW_rows)
     np.testing.assert_array_equal(db, [4.0])
     # dx: every weight that touched the cell (the centre is in all four windows)
-    np.testing.assert_array_equal(dx, [[[[1, 1 + 2, 2], [1 + 3, 10, 2 + 4], [3, 3 + 4, 4]]]])
+    np.testing.assert_array_equal(dx[0, 0], [[1, 1 + 2, 2], [1 + 3, 10, 2 + 4], [3, 3 + 4, 4]])
 
 
 def test_conv2d_padding_stride_and_channels_by_hand() -> None:
