@@ -291,21 +291,20 @@ def norm(x: Array) -> float:
     neither overflows nor loses digits to underflow, else scaled by max|x| as BLAS nrm2
     does (1e200 elements give ~1e200, never Infinity). NaN or Infinity only when x holds
     them (NaN when it holds a NaN)."""
-    return norm_of_sum_of_squares(sum_of_squares(x), x)
+    with np.errstate(all="ignore"):
+        total = sum_of_squares(x)
+    return norm_of_sum_of_squares(total, x)
 
 
 def norm_of_sum_of_squares(total: float, x: Array) -> float:
     """`norm(x)` given x's `sum_of_squares` already (the network reads each tensor once)."""
-    return math.sqrt(total) if _plain(total) else _scaled_norm(x)
+    return math.sqrt(total) if _PLAIN[0] < total < _PLAIN[1] else _scaled_norm(x)
 
 
 # Below this a float64 sum of squares may hold squares that lost digits (subnormal) or
-# flushed to 0; above it one may have overflowed.
+# flushed to 0 (an all-zero x lands here too: its scaled norm is 0); above it one may have
+# overflowed.
 _PLAIN = (1e-280, 1e300)
-
-
-def _plain(total: float) -> bool:
-    return total == 0.0 or _PLAIN[0] < total < _PLAIN[1]
 
 
 def _scaled_norm(x: Array) -> float:

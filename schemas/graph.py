@@ -376,12 +376,13 @@ class ReluStats(BaseModel):
     elements: int
     dead_elements: int = Field(description="elements whose input is <= 0 (inactive)")
     dead_fraction: float
-    units: int = Field(description="units of the nodes with a batch axis (rank >= 2)")
-    dead_units: int = Field(description="units whose input is <= 0 on every example")
-    dead_unit_fraction: float
+    units: int = Field(0, description="units of the nodes with a batch axis (rank >= 2)")
+    dead_units: int = Field(0, description="units whose input is <= 0 on every example")
+    dead_unit_fraction: float = 0.0
     margin_nodes: int = Field(
+        0,
         description="relu nodes with no op with weights after them on any path to the "
-        "output (a hinge's max(0, .)): counted, not graded"
+        "output (a hinge's max(0, .)): counted, not graded",
     )
 
 
@@ -390,9 +391,9 @@ class SaturationStats(BaseModel):
     elements: int
     saturated_elements: int
     saturated_fraction: float
-    units: int = Field(description="units of the nodes with a batch axis (rank >= 2)")
-    saturated_units: int = Field(description="units saturated on every example")
-    saturated_unit_fraction: float
+    units: int = Field(0, description="units of the nodes with a batch axis (rank >= 2)")
+    saturated_units: int = Field(0, description="units saturated on every example")
+    saturated_unit_fraction: float = 0.0
 
 
 class Diagnostics(BaseModel):

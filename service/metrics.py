@@ -99,10 +99,11 @@ class ReportSummary(NamedTuple):
     def of_graph(cls, nodes: int, diagnostics: GraphDiagnostics) -> ReportSummary:
         relu, sigmoid, tanh = (diagnostics.kinds[kind] for kind in ("relu", "sigmoid", "tanh"))
         gate_elements = sigmoid.elements + tanh.elements
+        dead = relu.unit_fraction if relu.units else (relu.fraction if relu.elements else None)
         return cls(
             kind="graph",
             nodes=nodes,
-            dead_fraction=relu.fraction if relu.elements else None,
+            dead_fraction=dead,
             saturated_fraction=(
                 (sigmoid.flagged + tanh.flagged) / gate_elements if gate_elements else None
             ),

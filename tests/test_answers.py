@@ -16,9 +16,22 @@ from flask.testing import FlaskClient
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ANSWERS = Path(__file__).resolve().parent / "answers"
 
+# A batch of two examples: relu units that die (one of two, hidden: a matmul follows),
+# sigmoid units that saturate (one of two), a steep input and a log of 0: every graded
+# finding of a graph (dead_relu, saturated_sigmoid, saturated_activations,
+# exploding_gradient, nonfinite).
 FINDINGS_BODY = {
-    "expression": "relu(x) + sigmoid(100 * y) + 5000 * v + log(z) * w",
-    "values": {"x": -1, "y": 2, "v": 1, "z": 0, "w": 3},
+    "expression": "sum(relu(X @ W) @ V) + sum(sigmoid(100 * (X @ U)) @ V) + 5000 * v "
+    "+ log(z) * w",
+    "values": {
+        "X": [[1.0, -1.0], [2.0, -2.0]],
+        "W": [[-1.0, 1.0], [0.0, 0.0]],
+        "U": [[1.0, 0.0], [0.0, 0.0]],
+        "V": [[1.0], [1.0]],
+        "v": 1,
+        "z": 0,
+        "w": 3,
+    },
     "explain": True,
 }
 

@@ -268,19 +268,21 @@ def test_junit_report_structure(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert root.tag == "testsuites"
     (suite,) = root.findall("testsuite")
     cases = suite.findall("testcase")
-    # one per file, plus dead_relu, saturated_sigmoid and vanishing_gradient findings
+    # one per file, plus the dead_relu, saturated_sigmoid, saturated_activations and
+    # vanishing_gradient findings
     assert [(c.get("classname"), c.get("name")) for c in cases] == [
         (HEALTHY, "health"),
         (DEAD, "health"),
         (DEAD, "dead_relu at layer1"),
         (SATURATED, "health"),
         (SATURATED, "saturated_sigmoid at layer1"),
+        (SATURATED, "saturated_activations at layer1"),
         (SATURATED, "vanishing_gradient at layer1"),
         (missing, "health"),
     ]
     failures = [c for c in cases if c.find("failure") is not None]
     errors = [c for c in cases if c.find("error") is not None]
-    assert len(failures) == 4  # two files and their two fail findings; the warn passes
+    assert len(failures) == 5  # two files and their three fail findings; the warn passes
     assert [c.get("classname") for c in errors] == [missing]
     for element in (root, suite):
         assert element.get("tests") == str(len(cases))
@@ -298,8 +300,8 @@ def test_junit_strict_makes_warn_findings_failures(capsys: pytest.CaptureFixture
     lenient = ET.fromstring(out.encode())
     _, out, _ = check(capsys, "--format", "junit", "--strict", SATURATED)
     strict = ET.fromstring(out.encode())
-    assert (lenient.get("tests"), lenient.get("failures")) == ("3", "2")
-    assert (strict.get("tests"), strict.get("failures")) == ("3", "3")
+    assert (lenient.get("tests"), lenient.get("failures")) == ("4", "3")
+    assert (strict.get("tests"), strict.get("failures")) == ("4", "4")
 
 
 def test_github_format_emits_workflow_commands(
@@ -314,15 +316,18 @@ def test_github_format_emits_workflow_commands(
         f"::error file={file_prop},title=gradiag fail%3A saturated_sigmoid at layer1::3 of 3 "
     )
     assert lines[1].startswith(
-        f"::warning file={file_prop},title=gradiag warn%3A vanishing_gradient at layer1::"
+        f"::error file={file_prop},title=gradiag fail%3A saturated_activations at layer1::"
     )
     assert lines[2].startswith(
+        f"::warning file={file_prop},title=gradiag warn%3A vanishing_gradient at layer1::"
+    )
+    assert lines[3].startswith(
         f"::error file={escape_property(missing)},title=gradiag%3A Unreadable input::cannot read"
     )
-    assert lines[3] == "gradiag check: 3 files: 1 ok, 1 fail, 1 error; exit 2"
-    assert len(lines) == 4  # nothing for a healthy file
+    assert lines[4] == "gradiag check: 3 files: 1 ok, 1 fail, 1 error; exit 2"
+    assert len(lines) == 5  # nothing for a healthy file
     _, out, _ = check(capsys, "--format", "github", "--strict", SATURATED)
-    assert out.splitlines()[1].startswith("::error ")
+    assert out.splitlines()[2].startswith("::error ")
 
 
 def test_github_escaping_follows_the_toolkit() -> None:

@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from gradiag.engine.diagnostics import CHUNK, WHOLE, is_finite, mean_std, sum_of_squares
-from gradiag.engine.network import _TensorStats
+from gradiag.engine.diagnostics import CHUNK, WHOLE, is_finite, mean_std, norm, sum_of_squares
 
 DTYPES = [np.float32, np.float64]
 # one chunk, exactly one, several with a tail; mean_std's chunked path above WHOLE
@@ -18,6 +17,17 @@ SIZES = [1, 7, CHUNK, 3 * CHUNK + 5, WHOLE + 5]
 
 def straightforward_norm(x: np.ndarray) -> float:
     return float(np.linalg.norm(x.astype(np.float64)))
+
+
+def exact_norm(x: np.ndarray) -> float:
+    """The oracle: Python's exactly rounded `math.fsum` of the squares of x / max|x|."""
+    values = [float(v) for v in np.ravel(x)]
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    scale = max((abs(v) for v in values), default=0.0)
+    if scale == 0.0 or math.isinf(scale):
+        return scale
+    return scale * math.sqrt(math.fsum((v / scale) ** 2 for v in values))
 
 
 def sample(dtype: type, size: int, seed: int = 0) -> np.ndarray:
@@ -44,7 +54,7 @@ def test_sum_of_squares_is_the_float64_norm_squared(dtype: type, size: int) -> N
     x = sample(dtype, size).reshape(-1, 1) if size % 2 else sample(dtype, size)
     want = straightforward_norm(x) ** 2
     assert same(sum_of_squares(x), want, NORM_REL[dtype])
-    assert same(_TensorStats().norm(x), straightforward_norm(x), NORM_REL[dtype])
+    assert same(norm(x), straightforward_norm(x), NORM_REL[dtype])
 
 
 @pytest.mark.parametrize("scale", [1e-25, 1e20])
@@ -69,8 +79,8 @@ def test_float32_norm_does_not_overflow_where_float32_arithmetic_would() -> None
     x = np.full(3 * CHUNK, 3e19, np.float32)  # each square is 9e38 > float32's 3.4e38
     with np.errstate(over="ignore"):
         assert np.isinf(np.dot(x, x))  # what a float32 sum of squares gives
-    assert same(_TensorStats().norm(x), straightforward_norm(x))
-    assert math.isfinite(_TensorStats().norm(x))
+    assert same(norm(x), straightforward_norm(x))
+    assert math.isfinite(norm(x))
 
 
 def special(dtype: type, kind: str, size: int = 2 * CHUNK + 4) -> np.ndarray:
@@ -95,21 +105,30 @@ def test_finiteness_and_norms_with_non_finite_and_overflowing_elements(
     assert expected is (kind in ("finite", "huge"))
     assert is_finite(x) is expected
     assert is_finite(x.reshape(2, -1)[:, ::2]) is bool(np.isfinite(x.reshape(2, -1)[:, ::2]).all())
-    stats = _TensorStats()
     with np.errstate(over="ignore", invalid="ignore"):
-        want_norm = straightforward_norm(x)
         want_mean, want_std = (
             float(np.mean(x, dtype=np.float64)),
             float(np.std(x, dtype=np.float64)),
         )
-        got_norm = stats.norm(x)  # before finite(): the norm's sum settles finiteness too
         got_mean, got_std = mean_std(x)
-    assert stats.finite(x) is expected
-    assert same(got_norm, want_norm, NORM_REL[dtype])
+    # finite data has a finite norm: the huge element's square overflows, the norm does not
+    assert same(norm(x), exact_norm(x), NORM_REL[dtype] if kind == "finite" else 1e-12)
     assert same(got_mean, want_mean)
     assert same(got_std, want_std)
 
 
+@pytest.mark.parametrize("magnitude", [1e200, 1e300, -1e300, 1e-200, 1e-310])
+@pytest.mark.parametrize("size", [1, 5, 3 * CHUNK + 5])
+def test_norms_of_huge_and_tiny_elements_are_exact(magnitude: float, size: int) -> None:
+    """Elements of 1e200 and 1e300 (squares overflow) and of 1e-200 or subnormal (squares
+    underflow): within 1e-12 of `math.fsum`'s exact value, never Infinity or 0."""
+    rng = np.random.default_rng(size)
+    x = rng.uniform(0.5, 1.5, size) * magnitude
+    got = norm(x)
+    assert math.isfinite(got) and got > 0
+    assert got == pytest.approx(exact_norm(x), rel=1e-12, abs=0.0)
+    assert norm(x.reshape(1, -1)) == got
+
+
 def test_none_gradient_counts_as_finite() -> None:
     assert is_finite(None)
-    assert _TensorStats().finite(None)

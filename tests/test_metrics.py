@@ -29,11 +29,14 @@ from gradiag.service.observability import MAX_REQUEST_ID, JsonFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# one example of three relu units, two dead, feeding a matmul (hidden units, not a margin)
 DEAD_RELU_GRAPH = {
     "nodes": [
-        {"id": "x", "op": "input", "value": [-2.0, -1.0, 3.0]},
+        {"id": "x", "op": "input", "value": [[-2.0, -1.0, 3.0]]},
         {"id": "r", "op": "relu", "inputs": ["x"]},
-        {"id": "s", "op": "sum", "inputs": ["r"]},
+        {"id": "W", "op": "param", "value": [[1.0], [1.0], [1.0]]},
+        {"id": "h", "op": "matmul", "inputs": ["r", "W"]},
+        {"id": "s", "op": "sum", "inputs": ["h"]},
     ],
     "output": "s",
 }
@@ -128,7 +131,7 @@ def test_diagnostics_metrics_move_with_reports(client: FlaskClient) -> None:
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("gradiag_graph_nodes_count", kind="graph") == 1
-    assert delta("gradiag_graph_nodes_sum", kind="graph") == 3
+    assert delta("gradiag_graph_nodes_sum", kind="graph") == 5
     assert delta("gradiag_dead_relu_fraction_count", kind="graph") == 1
     assert delta("gradiag_dead_relu_fraction_sum", kind="graph") == pytest.approx(2 / 3)
     assert delta("gradiag_saturated_fraction_count", kind="graph") == 0  # no sigmoid or tanh
@@ -157,7 +160,7 @@ def test_a_given_request_id_is_echoed_and_logged(
     assert line["status"] == 200
     assert line["duration_ms"] >= 0
     assert line["body_bytes"] == len(json.dumps(DEAD_RELU_GRAPH))
-    assert line["nodes"] == 3
+    assert line["nodes"] == 5
     assert line["health"] == "fail"
 
 

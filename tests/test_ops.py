@@ -138,18 +138,87 @@ def leaky_relu_operands(draw: Draw) -> tuple[Operands, Attrs]:
     return (x,), attrs
 
 
-def class_scores(elements: st.SearchStrategy[float]) -> st.SearchStrategy[tuple[Operands, Attrs]]:
-    """scores (N, C) and integer labels (N,) stored as floats, as the wire sends them."""
+def class_scores(
+    elements: st.SearchStrategy[float], min_classes: int = 1
+) -> st.SearchStrategy[tuple[Operands, Attrs]]:
+    """scores (N, C) and integer labels (N,) stored as floats, as the wire sends them; one
+    class (C = 1): labels -1 or +1, the binary hinge's."""
 
     @st.composite
     def strategy(draw: Draw) -> tuple[Operands, Attrs]:
         rows = draw(st.integers(1, MAX_SIDE))
-        classes = draw(st.integers(1, MAX_SIDE))
+        classes = draw(st.integers(min_classes, MAX_SIDE))
         scores = array(draw, (rows, classes), elements)
-        labels = array(draw, (rows,), st.integers(0, classes - 1).map(float))
+        label = st.sampled_from([-1.0, 1.0]) if classes == 1 else st.integers(0, classes - 1)
+        labels = array(draw, (rows,), label.map(float))
         return (scores, labels), {}
 
     return strategy()
+
+
+@st.composite
+def logits_operands(draw: Draw) -> tuple[Operands, Attrs]:
+    """scores of any shape and targets in [0, 1] of the same shape, or (N,) for (N, 1)."""
+    if draw(st.booleans()):
+        rows = draw(st.integers(1, MAX_SIDE))
+        scores = array(draw, (rows, 1), SMOOTH)
+        return (scores, array(draw, (rows,), st.floats(0.0, 1.0))), {}
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=MAX_SIDE))
+    return (array(draw, shape, SMOOTH), array(draw, shape, st.floats(0.0, 1.0))), {}
+
+
+def distinct(draw: Draw, shape: tuple[int, ...]) -> Array:
+    """Values >= 0.05 apart (no pooling ties within a centred difference's step)."""
+    size = math.prod(shape)
+    order = np.asarray(draw(st.permutations(range(size))), np.float64)
+    return (order * 0.05 - size * 0.025).reshape(shape)
+
+
+@st.composite
+def image_operands(draw: Draw, pool: str | None = None) -> tuple[Operands, Attrs]:
+    """x (N, C, H, W) and, for conv2d, W (F, C, kh, kw) and b (F,); stride, padding."""
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    h, w = draw(st.integers(3, 5)), draw(st.integers(3, 5))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+    if pool is not None:  # padding at most half the kernel, as PyTorch
+        padding = [draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))]
+        attrs: Attrs = {"kernel": [kh, kw], "stride": stride, "padding": padding}
+        if pool == "avgpool2d":
+            attrs["count_include_pad"] = draw(st.booleans())
+        x = (
+            distinct(draw, (n, c, h, w))
+            if pool == "maxpool2d"
+            else array(draw, (n, c, h, w), SMOOTH)
+        )
+        return (x,), attrs
+    padding = [draw(st.integers(0, 1)), draw(st.integers(0, 1))]
+    f = draw(st.integers(1, 2))
+    x, W, b = (array(draw, shape, SMOOTH) for shape in ((n, c, h, w), (f, c, kh, kw), (f,)))
+    return (x, W, b), {"stride": stride, "padding": padding}
+
+
+@st.composite
+def norm_operands(draw: Draw, *, running: bool) -> tuple[Operands, Attrs]:
+    """x (N, C) or (N, C, H, W) with N * H * W >= 2, gamma, beta (C,) (and running stats)."""
+    c = draw(st.integers(1, 3))
+    shape = (draw(st.integers(2, 4)), c) if draw(st.booleans()) else (2, c, 2, 3)
+    x = array(draw, shape, st.floats(-2.0, 2.0)) + np.arange(math.prod(shape)).reshape(shape)
+    gamma, beta = array(draw, (c,), SMOOTH), array(draw, (c,), SMOOTH)
+    if not running:
+        return (x, gamma, beta), {}
+    mean, var = array(draw, (c,), SMOOTH), array(draw, (c,), POSITIVE)
+    return (x, gamma, beta, mean, var), {"eps": draw(st.sampled_from([1e-5, 0.1]))}
+
+
+@st.composite
+def reshape_operands(draw: Draw, *, flatten: bool) -> tuple[Operands, Attrs]:
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, max_side=3))
+    x = array(draw, shape, SMOOTH)
+    if flatten:
+        return (x,), {"axis": draw(st.integers(0, len(shape)))}
+    target = [x.size] if draw(st.booleans()) else [-1, shape[-1]]
+    return (x,), {"shape": target}
 
 
 # --- the formulas, written a second time ------------------------------------------------
@@ -175,12 +244,79 @@ def ref_softmax_cross_entropy(scores: Array, labels: Array) -> Any:
 
 
 def ref_svm_hinge(scores: Array, labels: Array) -> Array:
+    if scores.shape[1] == 1:  # the binary hinge
+        return np.asarray(np.mean(np.maximum(0.0, 1.0 - labels * scores[:, 0])))
     total = 0.0
     for i, label in enumerate(labels.astype(int)):
         for j in range(scores.shape[1]):
             if j != label:
                 total += max(0.0, scores[i, j] - scores[i, label] + 1.0)
     return np.asarray(total / scores.shape[0])
+
+
+def _pairs(attrs: Attrs, *names: str) -> list[tuple[int, int]]:
+    return [tuple(attrs[name]) if name in attrs else (1, 1) for name in names]  # type: ignore[misc]
+
+
+def ref_conv2d(x: Array, W: Array, b: Array, **attrs: Any) -> Array:
+    """Cross-correlation by its definition: a loop over every output position."""
+    (sh, sw), (ph, pw) = _pairs(attrs, "stride", "padding")
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    f, _, kh, kw = W.shape
+    ho, wo = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    out = np.zeros((x.shape[0], f, ho, wo))
+    for i, j in np.ndindex(ho, wo):
+        window = xp[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw]
+        out[:, :, i, j] = np.einsum("nchw,fchw->nf", window, W) + b
+    return out
+
+
+def ref_pool(x: Array, *, average: bool, **attrs: Any) -> Array:
+    kh, kw = attrs["kernel"]
+    sh, sw = attrs.get("stride", (kh, kw))
+    ph, pw = attrs.get("padding", (0, 0))
+    fill = 0.0 if average else -np.inf
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    real = np.pad(np.ones(x.shape[2:]), ((ph, ph), (pw, pw)))
+    ho, wo = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    out = np.zeros((*x.shape[:2], ho, wo))
+    for i, j in np.ndindex(ho, wo):
+        rows, cols = slice(i * sh, i * sh + kh), slice(j * sw, j * sw + kw)
+        window = xp[:, :, rows, cols]
+        if not average:
+            out[:, :, i, j] = window.max(axis=(2, 3))
+        else:
+            count = kh * kw if attrs.get("count_include_pad", True) else real[rows, cols].sum()
+            out[:, :, i, j] = window.sum(axis=(2, 3)) / count
+    return out
+
+
+def _channel_view(v: Array, ndim: int) -> Array:
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def ref_batchnorm(x: Array, gamma: Array, beta: Array, eps: float = 1e-5) -> Array:
+    axes = tuple(k for k in range(x.ndim) if k != 1)
+    mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    g, b = _channel_view(gamma, x.ndim), _channel_view(beta, x.ndim)
+    return g * (x - mean) / np.sqrt(var + eps) + b
+
+
+def ref_batchnorm_eval(
+    x: Array, gamma: Array, beta: Array, mean: Array, var: Array, eps: float = 1e-5
+) -> Array:
+    v = [_channel_view(p, x.ndim) for p in (gamma, beta, mean, var)]
+    return v[0] * (x - v[2]) / np.sqrt(v[3] + eps) + v[1]
+
+
+def ref_bce(scores: Array, targets: Array) -> Array:
+    y = targets.reshape(scores.shape)
+    p = 1.0 / (1.0 + np.exp(-scores))
+    return np.asarray(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def ref_flatten(x: Array, axis: int = 1) -> Array:
+    return x.reshape(math.prod(x.shape[:axis]), -1) if x.size else x.reshape(0, 0)
 
 
 @dataclass(frozen=True)
@@ -223,11 +359,19 @@ CASES = [
     Case("mse", broadcasting(SMOOTH, SMOOTH), lambda s, t: np.mean((s - t) ** 2)),
     Case(
         "softmax_cross_entropy",
-        class_scores(SMOOTH),
+        class_scores(SMOOTH, min_classes=2),
         ref_softmax_cross_entropy,
         no_grad=(1,),
     ),
     Case("svm_hinge", class_scores(HINGE_GRID), ref_svm_hinge, no_grad=(1,)),
+    Case("bce_with_logits", logits_operands(), ref_bce),
+    Case("conv2d", image_operands(), ref_conv2d),
+    Case("maxpool2d", image_operands("maxpool2d"), lambda x, **a: ref_pool(x, average=False, **a)),
+    Case("avgpool2d", image_operands("avgpool2d"), lambda x, **a: ref_pool(x, average=True, **a)),
+    Case("batchnorm", norm_operands(running=False), ref_batchnorm),
+    Case("batchnorm_eval", norm_operands(running=True), ref_batchnorm_eval),
+    Case("flatten", reshape_operands(flatten=True), ref_flatten),
+    Case("reshape", reshape_operands(flatten=False), lambda x, shape: x.reshape(shape)),
 ]
 
 

@@ -128,7 +128,7 @@ def test_page_highlights_dead_relu_and_lists_findings(page: Any) -> None:
     assert "sev-fail" in (page.get_attribute('#graph g.node[data-node="h"]', "class") or "")
     assert "sev-warn" in (page.get_attribute('#graph g.node[data-node="s"]', "class") or "")
     codes = page.locator("#findings li").evaluate_all("els => els.map(e => e.dataset.code)")
-    assert codes == ["dead_relu", "saturated_sigmoid"]
+    assert codes == ["dead_relu", "saturated_sigmoid", "saturated_activations"]
     assert page.inner_text("#findings li .sev >> nth=0") == "fail"
 
 

@@ -49,21 +49,23 @@
       },
     },
     {
-      name: "Dead ReLU and saturated sigmoid (graph JSON, vectors)",
+      name: "Dead ReLU and saturated sigmoid units (graph JSON, a batch of 2)",
       body: {
         nodes: [
-          { id: "x", op: "input", value: [-1.5, 0.5, 9.0] },
-          { id: "w", op: "param", value: [2.0, -1.0, 1.0] },
-          { id: "wx", op: "mul", inputs: ["x", "w"] },
-          { id: "h", op: "relu", inputs: ["wx"] },
-          { id: "s", op: "sigmoid", inputs: ["h"] },
+          { id: "x", op: "input", value: [[-1.5, -0.5, 9.0], [-1.0, -0.2, 8.0]] },
+          { id: "W", op: "param", value: [[1, 0, 0], [0, 1, 0], [0, 0, 1]] },
+          { id: "z", op: "matmul", inputs: ["x", "W"] },
+          { id: "h", op: "relu", inputs: ["z"] },
+          { id: "V", op: "param", value: [[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]] },
+          { id: "hv", op: "matmul", inputs: ["h", "V"] },
+          { id: "s", op: "sigmoid", inputs: ["hv"] },
           { id: "f", op: "sum", inputs: ["s"] },
         ],
         output: "f",
       },
     },
     {
-      name: "A dead ReLU neuron (expression)",
+      name: "A ReLU neuron below its kink (expression)",
       body: { expression: "relu(w * x + b) * 3", values: { w: 0.5, x: -2, b: -1 } },
     },
     {
