@@ -181,11 +181,7 @@ def clean_loc(loc: Iterable[Any], *, tag_field: str | None = None) -> tuple[Any,
             continue
         if part in SCALAR_BRANCHES and out and (isinstance(out[-1], int) or out[-1] in SCALARS):
             continue  # a union of scalars in a list (columns.value) or in a field
-        is_tag = (
-            len(out) >= 2
-            and isinstance(out[-1], int)
-            and (out[-2], part) in TAGGED_LISTS
-        )
+        is_tag = len(out) >= 2 and isinstance(out[-1], int) and (out[-2], part) in TAGGED_LISTS
         if not is_tag:
             out.append(part)
     if tag_field is not None:

@@ -21,8 +21,7 @@ ANSWERS = Path(__file__).resolve().parent / "answers"
 # finding of a graph (dead_relu, saturated_sigmoid, saturated_activations,
 # exploding_gradient, nonfinite).
 FINDINGS_BODY = {
-    "expression": "sum(relu(X @ W) @ V) + sum(sigmoid(100 * (X @ U)) @ V) + 5000 * v "
-    "+ log(z) * w",
+    "expression": "sum(relu(X @ W) @ V) + sum(sigmoid(100 * (X @ U)) @ V) + 5000 * v + log(z) * w",
     "values": {
         "X": [[1.0, -1.0], [2.0, -2.0]],
         "W": [[-1.0, 1.0], [0.0, 0.0]],

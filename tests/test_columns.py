@@ -528,7 +528,11 @@ def test_log_of_zero_and_one_over_zero(client: FlaskClient) -> None:
     assert answer["health"]["status"] == "fail"
     (finding,) = answer["health"]["findings"]
     # the first node whose value is not finite: log(0) (z's gradient is infinite too)
-    assert (finding["code"], finding["severity"], finding["location"]) == ("nonfinite", "fail", "lz")
+    assert (finding["code"], finding["severity"], finding["location"]) == (
+        "nonfinite",
+        "fail",
+        "lz",
+    )
 
 
 def test_zero_over_zero_gradients_are_nan(client: FlaskClient) -> None:
