@@ -38,6 +38,7 @@ class Limits:
     max_tensor_elements: int = 0
     max_total_elements: int = 0
     max_flops: int = 0
+    max_scratch_elements: int = 0  # the temporary buffer one op allocates (conv's im2col)
 
 
 class Locs(Protocol):
@@ -475,7 +476,7 @@ def _infer_shapes(
     if not tensors and all(op is None or op.batches for op in op_of):
         # a scalar graph: every node is a number, one operation each
         ops = int(np.count_nonzero(arity))
-        _check_sizes(limits, 1, n, ops, table.locs.at(n - 1)[:-1], None)
+        _check_sizes(limits, 1, n, ops, 0, table.locs.at(n - 1)[:-1], None)
         return [()] * n, ops, n, 0, np.ones(n, bool)
     shapes: list[Shape] = []
     scalar = np.zeros(n, bool)
@@ -483,6 +484,7 @@ def _infer_shapes(
     max_tensor = limits.max_tensor_elements or math.inf  # a limit of 0 is none
     max_total = limits.max_total_elements or math.inf
     max_flops = limits.max_flops or math.inf
+    max_scratch = limits.max_scratch_elements or math.inf
     for i, code in enumerate(codes.tolist()):
         op = op_of[code]
         ins: list[Shape] = []
@@ -506,13 +508,13 @@ def _infer_shapes(
         scalar[i] = not shape and not any(ins)
         elements = math.prod(shape)
         total, flops, scratch = total + elements, flops + work, max(scratch, extra)
-        if elements > max_tensor or total > max_total or flops > max_flops:
-            _check_sizes(limits, elements, total, flops, *where(i))
+        if elements > max_tensor or total > max_total or flops > max_flops or extra > max_scratch:
+            _check_sizes(limits, elements, total, flops, extra, *where(i))
     return shapes, flops, total, scratch, scalar
 
 
 def _check_sizes(
-    limits: Limits, elements: int, total: int, flops: int, loc: Loc, node: str | None
+    limits: Limits, elements: int, total: int, flops: int, scratch: int, loc: Loc, node: str | None
 ) -> None:
     brings = f"node {node!r} brings the" if node is not None else "the graph brings the"
     check_limits(
@@ -523,6 +525,8 @@ def _check_sizes(
              f"{brings} elements in all tensors to"),
             ("max_flops", limits.max_flops, flops,
              f"{brings} estimated floating-point operations to"),
+            ("max_scratch_elements", limits.max_scratch_elements, scratch,
+             f"{brings} elements of one op's temporary buffer to"),
         ],
         loc=loc,
         node=node,

@@ -105,6 +105,11 @@ class LayerBase:
 
     kind: ClassVar[str]
 
+    @property
+    def type(self) -> str:
+        """The layer's name on the wire and in messages (a pool layer's is its op)."""
+        return self.kind
+
     def params(self, x: Shape) -> dict[str, Shape]:
         return {}
 
@@ -176,6 +181,10 @@ class Pool(LayerBase):
     stride: tuple[int, int] | None = None  # default: the kernel
     padding: tuple[int, int] = (0, 0)
     kind: ClassVar[str] = "pool"
+
+    @property
+    def type(self) -> str:
+        return self.op
 
     def ops(self, name: str, prev: str, x: Shape) -> list[NodeSpec]:
         attrs: dict[str, Any] = {"kernel": list(self.kernel), "padding": list(self.padding)}
@@ -316,7 +325,7 @@ def layer_shapes(spec: NetworkSpec, batch: int | None = None) -> list[Stage]:
             out = _out_shape(layer, x, params)
         except ShapeError as err:
             raise ShapeError(
-                f"layer {k + 1} ({layer.kind}): {err.message}", loc=("layers", k)
+                f"layer {k + 1} ({layer.type}): {err.message}", loc=("layers", k)
             ) from None
         stages.append(Stage(k + 1, layer, x, out, params))
         x = out
@@ -420,14 +429,14 @@ def _check_weights(weights: Sequence[Mapping[str, Array]], stages: Sequence[Stag
         extra = sorted(set(given) - set(stage.params))
         if extra:
             raise ShapeError(
-                f"layer {k + 1} ({stage.layer.kind}) has no parameter {extra[0]!r}; it takes "
+                f"layer {k + 1} ({stage.layer.type}) has no parameter {extra[0]!r}; it takes "
                 f"{sorted(stage.params) or 'none'}",
                 loc=("weights", k, extra[0]),
             )
         for name, shape in stage.params.items():
             if name not in given:
                 raise ShapeError(
-                    f"layer {k + 1} ({stage.layer.kind}) needs {name} {list(shape[:])}",
+                    f"layer {k + 1} ({stage.layer.type}) needs {name} {list(shape[:])}",
                     loc=("weights", k, name),
                 )
             got = given[name].shape

@@ -39,6 +39,7 @@ class Settings:
     max_tensor_elements: int = 4_000_000
     max_total_elements: int = 16_000_000
     max_flops: int = 20_000_000_000
+    max_scratch_elements: int = 16_000_000  # one op's temporary buffer (conv2d's im2col)
     max_expression_chars: int = 10_000  # the expression body (docs/expressions.md)
     # POST /v1/network, checked from the definition before anything is drawn (docs/network.md)
     max_layers: int = 64

@@ -52,6 +52,7 @@ def engine_limits(settings: Settings) -> Limits:
         max_tensor_elements=settings.max_tensor_elements,
         max_total_elements=settings.max_total_elements,
         max_flops=settings.max_flops,
+        max_scratch_elements=settings.max_scratch_elements,
     )
 
 

@@ -190,7 +190,7 @@ def layer_report(layer: LayerDiagnostics) -> dict[str, Any]:
     dying = reading is not None and reading.op in ("relu", "leaky_relu")
     report: dict[str, Any] = {
         "index": stage.index,
-        "type": getattr(stage.layer, "op", stage.layer.kind),
+        "type": stage.layer.type,
         "shape": list(stage.out[1:]),
         "units": units,
         "activation": getattr(stage.layer, "activation", None),

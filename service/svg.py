@@ -303,24 +303,19 @@ def _value_wire(src: str, dst: str, source_id: str, node: Mapping[str, Any]) -> 
 
 def network_drawing(report: Mapping[str, Any], input_dim: int | None = None) -> Drawing:
     """The /v1/network report as its layer chain: input, one box per layer with its health
-    (dead and saturated fractions, gradient norms), the loss."""
+    (dead and saturated fractions, gradient norms), the loss. Image layers show C×H×W."""
     layers: Sequence[Mapping[str, Any]] = report.get("layers", [])
     findings = list(report.get("health", {}).get("findings", []))
     severity = _severity_by_location(findings)
     messages = _messages_by_location(findings)
-    boxes = [Box("input", ["input", f"{input_dim} features" if input_dim else "X"], ["node"])]
+    shape = report.get("input_shape") or ([input_dim] if input_dim else [])
+    boxes = [Box("input", ["input", _shape_text(shape, "features") if shape else "X"], ["node"])]
     for layer in layers:
         name = f"layer{layer.get('index')}"
-        grad = layer.get("grad_norm", {})
-        lines = [
-            name,
-            f"{layer.get('units')} {layer.get('activation')} units",
-            f"dead {_percent(layer.get('dead_fraction'))} · "
-            f"saturated {_percent(layer.get('saturated_fraction'))}",
-            f"‖dW‖ {fmt_number(grad.get('W'))} · ‖db‖ {fmt_number(grad.get('b'))}",
-        ]
         classes = ["node"] + ([f"sev-{severity[name]}"] if name in severity else [])
-        boxes.append(Box(name, lines, classes, "\n".join(messages.get(name, [])), name))
+        boxes.append(
+            Box(name, _layer_lines(name, layer), classes, "\n".join(messages.get(name, [])), name)
+        )
     loss = report.get("loss")
     boxes.append(Box("loss", ["loss", fmt_number(loss)], ["node"], node_id="loss"))
     keys = [box.key for box in boxes]
@@ -332,6 +327,30 @@ def network_drawing(report: Mapping[str, Any], input_dim: int | None = None) -> 
     ]
     title = f"gradiag {report.get('name', 'network')}: loss {fmt_number(loss)}"
     return Drawing(title, boxes, wires, notes, findings)
+
+
+def _layer_lines(name: str, layer: Mapping[str, Any]) -> list[str]:
+    """A layer box: its kind and output shape, then the health lines that apply to it."""
+    kind, activation = layer.get("type", "dense"), layer.get("activation")
+    shape = layer.get("shape") or [layer.get("units")]
+    what = _shape_text(shape, "units") + (f" {activation}" if activation else "")
+    lines = [f"{name} {kind}", what]
+    if activation:
+        noun = "filters" if len(shape) == 3 else "units"
+        lines.append(
+            f"dead {_percent(layer.get('dead_fraction'))} · "
+            f"saturated {_percent(layer.get('saturated_fraction'))} {noun}"
+        )
+    grad = layer.get("grad_norm", {})
+    norms = [f"‖d{k}‖ {fmt_number(grad[k])}" for k in ("W", "b", "gamma") if k in grad]
+    if norms:
+        lines.append(" · ".join(norms))
+    return lines
+
+
+def _shape_text(shape: Sequence[Any], noun: str) -> str:
+    """[C, H, W] as "C×H×W", [n] as "n units"."""
+    return "×".join(map(str, shape)) if len(shape) > 1 else f"{shape[0]} {noun}"
 
 
 def _percent(fraction: Any) -> str:

@@ -209,3 +209,12 @@ def test_page_runs_a_network_example_against_the_live_service(
     assert "total" in page.inner_text("#param-table")
     shot = tmp_path_factory.mktemp("page") / "network.png"
     page.screenshot(path=str(shot), full_page=True)
+
+
+def test_page_runs_a_conv_net_example_against_the_live_service(page: Any) -> None:
+    assert run_example(page, "Conv net:").startswith("/v1/network: ")
+    assert page.locator("#layer-chart g.layer-row").count() == 4
+    label = page.locator('#layer-chart g[data-layer="layer1"] text.axis-label').text_content()
+    assert label == "layer1 conv2d relu"
+    table = page.inner_text("#layer-table")
+    assert "conv2d" in table and "4×12×12" in table and "maxpool2d" in table and "4×6×6" in table

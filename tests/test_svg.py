@@ -277,3 +277,32 @@ def test_network_svg_endpoint_answers_svg_or_problem(client: FlaskClient) -> Non
     assert {"layer1", "layer2"} <= set(nodes)
     bad = client.post("/v1/network.svg", json={"input_dim": 3})
     assert bad.status_code == 422 and bad.mimetype == "application/problem+json"
+
+
+def test_a_conv_net_picture_shows_each_layer_kind_and_its_image_shape(
+    client: FlaskClient,
+) -> None:
+    body = {
+        "input_shape": [1, 12, 12],
+        "layers": [
+            {"type": "conv2d", "filters": 4, "kernel": 3, "padding": 1, "activation": "relu"},
+            {"type": "maxpool2d", "kernel": 2},
+            {"type": "flatten"},
+            {"units": 3, "activation": "linear"},
+        ],
+        "loss": "softmax_cross_entropy",
+        "init": {"scheme": "he", "seed": 0},
+        "batch": {"random": {"size": 8, "seed": 0}},
+    }
+    response = client.post("/v1/network.svg", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    nodes = drawn_nodes(ET.fromstring(response.get_data()))
+    text = {key: " ".join("".join(node.itertext()).split()) for key, node in nodes.items()}
+    assert list(nodes) == ["input", "layer1", "layer2", "layer3", "layer4", "loss"]
+    assert "1×12×12" in text["input"]
+    assert "layer1 conv2d" in text["layer1"] and "4×12×12 relu" in text["layer1"]
+    assert "filters" in text["layer1"] and "‖dW‖" in text["layer1"]
+    assert "layer2 maxpool2d" in text["layer2"] and "4×6×6" in text["layer2"]
+    assert "dead" not in text["layer2"] and "‖dW‖" not in text["layer2"]  # no units, no weights
+    assert "144 units" in text["layer3"]
+    assert "3 units linear" in text["layer4"]

@@ -99,6 +99,21 @@
         batch: { random: { size: 16, seed: 1 } },
       },
     },
+    {
+      name: "Conv net: 1x12x12 -> conv 4 relu -> maxpool -> dense 3, softmax",
+      body: {
+        input_shape: [1, 12, 12],
+        layers: [
+          { type: "conv2d", filters: 4, kernel: 3, padding: 1, activation: "relu" },
+          { type: "maxpool2d", kernel: 2, stride: 2 },
+          { type: "flatten" },
+          { units: 3, activation: "linear" },
+        ],
+        loss: "softmax_cross_entropy",
+        init: { scheme: "he", seed: 0 },
+        batch: { random: { size: 8, seed: 0 } },
+      },
+    },
     { name: "Large graph: a 300-node tanh/sigmoid chain (collapsed)", body: chain(300) },
   ];
 
@@ -415,7 +430,7 @@
       const y = top + i * rowH;
       const group = el("g", { class: "layer-row", "data-layer": "layer" + layer.index });
       group.appendChild(el("text", { class: "axis-label", x: labelW - 8, y: y + 16, "text-anchor": "end" },
-        "layer" + layer.index + " " + layer.activation));
+        layerLabel(layer)));
       const bars = [
         ["dead", layer.dead_fraction, "dead"],
         ["saturated", layer.saturated_fraction, "sat"],
@@ -442,6 +457,16 @@
     });
     svg.appendChild(el("line", { class: "axis", x1: x0, x2: x0, y1: top - 6, y2: top + rowH * layers.length }));
     svg.appendChild(el("line", { class: "axis", x1: x1, x2: x1, y1: top - 6, y2: top + rowH * layers.length }));
+  }
+
+  // "layer1 relu" for a dense layer, "layer1 conv2d relu" and its C×H×W for the others
+  function layerLabel(layer) {
+    const kind = layer.type && layer.type !== "dense" ? " " + layer.type : "";
+    return "layer" + layer.index + kind + (layer.activation ? " " + layer.activation : "");
+  }
+
+  function shapeText(layer) {
+    return Array.isArray(layer.shape) ? layer.shape.join("×") : String(layer.units);
   }
 
   function fillTable(table, caption, head, rows) {
@@ -555,9 +580,9 @@
         ["", "count"], [["neurons", p.neurons], ["weights", p.weights], ["biases", p.biases],
           ["total", p.total], ["loss", fmtNumber(report.loss)]]);
       fillTable(document.getElementById("layer-table"), "per layer",
-        ["layer", "units", "activation", "weights", "biases", "dead", "saturated", "‖dW‖", "‖db‖"],
+        ["layer", "type", "shape", "activation", "weights", "biases", "dead", "saturated", "‖dW‖", "‖db‖"],
         (report.layers || []).map((l) => [
-          "layer" + l.index, l.units, l.activation,
+          "layer" + l.index, l.type || "dense", shapeText(l), l.activation || "",
           l.parameters ? l.parameters.weights : "", l.parameters ? l.parameters.biases : "",
           pct(l.dead_fraction), pct(l.saturated_fraction),
           fmtNumber(l.grad_norm && l.grad_norm.W), fmtNumber(l.grad_norm && l.grad_norm.b),
