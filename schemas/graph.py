@@ -6,7 +6,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, RootModel, Tag
 
-from gradiag.schemas.common import Health, NodeId, Number, Tensor, Thresholds, WireModel
+from gradiag.schemas.common import (
+    FAIL_FAST,
+    Health,
+    NodeId,
+    Number,
+    Tensor,
+    Tensors,
+    TensorSummary,
+    Thresholds,
+    WireModel,
+)
 
 # The op tags per node shape. A test checks these lists against the engine's op table.
 LEAF_OPS = ("input", "param", "const")
@@ -21,7 +31,7 @@ TERNARY_OPS = ("affine",)
 OTHER_OPS = ("leaky_relu", "transpose")
 ALL_OPS = LEAF_OPS + UNARY_OPS + BINARY_OPS + TERNARY_OPS + LOSS_OPS + REDUCE_OPS + OTHER_OPS
 
-Axis = int | list[int]
+Axis = int | Annotated[list[int], FAIL_FAST]
 
 
 class LeafNode(WireModel):
@@ -86,7 +96,7 @@ class LeakyReluNode(WireModel):
 
 
 class TransposeAttrs(WireModel):
-    axes: list[int] | None = Field(
+    axes: Annotated[list[int], FAIL_FAST] | None = Field(
         None, description="a permutation of the axes (default: reversed)"
     )
 
@@ -145,7 +155,7 @@ Layout = Annotated[
 class GraphRequest(WireModel):
     """A computational graph. Nodes may come in any order; the graph must be acyclic."""
 
-    nodes: Annotated[list[Node], Field(min_length=1)]
+    nodes: Annotated[list[Node], Field(min_length=1), FAIL_FAST]
     output: NodeId = Field(description="the id of the node whose gradient is taken")
     output_grad: Tensor | None = Field(
         None, description="upstream gradient at the output (default: all ones)"
@@ -154,6 +164,7 @@ class GraphRequest(WireModel):
     thresholds: Thresholds = Thresholds()
     explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
     report: Layout = "nodes"
+    tensors: Tensors = "full"
 
 
 class ExpressionRequest(WireModel):
@@ -163,7 +174,7 @@ class ExpressionRequest(WireModel):
         description="numbers, names (keys of `values`), + - * / ** @, unary - and +, "
         "parentheses and catalogue ops by name: sigmoid(w0*x0 + w1*x1 + w2)"
     )
-    values: dict[NodeId, Tensor] = Field(
+    values: Annotated[dict[NodeId, Tensor], FAIL_FAST] = Field(
         default_factory=dict, description="every name is an `input` node with that id"
     )
     output_grad: Tensor | None = Field(
@@ -173,6 +184,7 @@ class ExpressionRequest(WireModel):
     thresholds: Thresholds = Thresholds()
     explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
     report: Layout = "nodes"
+    tensors: Tensors = "full"
 
 
 class ColumnAttrs(WireModel):
@@ -181,7 +193,9 @@ class ColumnAttrs(WireModel):
     alpha: float | None = Field(None, description="leaky_relu: the slope for x <= 0")
     axis: Axis | None = Field(None, description="sum, mean: the axes to reduce")
     keepdims: bool | None = None
-    axes: list[int] | None = Field(None, description="transpose: a permutation of the axes")
+    axes: Annotated[list[int], FAIL_FAST] | None = Field(
+        None, description="transpose: a permutation of the axes"
+    )
 
 
 # --- packed columns: a binary array in base64 inside the JSON (as Plotly's typed arrays) ---
@@ -226,9 +240,9 @@ class PackedCodes(PackedArray):
 class PackedOps(WireModel):
     """The op column as a legend and codes: row i's op is `names[codes[i]]`."""
 
-    names: Annotated[list[Literal[ALL_OPS]], Field(min_length=1)]  # type: ignore[valid-type]
-    codes: PackedCodes | list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(
-        description="one index into `names` per row, packed or as a list"
+    names: Annotated[list[Literal[ALL_OPS]], Field(min_length=1), FAIL_FAST]  # type: ignore[valid-type]
+    codes: PackedCodes | Annotated[list[Annotated[int, Field(ge=0, le=2**63 - 1)]], FAIL_FAST] = (
+        Field(description="one index into `names` per row, packed or as a list")
     )
 
 
@@ -238,24 +252,24 @@ class GraphColumns(WireModel):
     writes them; every leaf value is one number. `op`, each `inputs` list and `value` may be
     packed (`PackedArray`): a binary array in base64, no JSON number or string per row."""
 
-    op: Annotated[list[Literal[ALL_OPS]], Field(min_length=1)] | PackedOps = Field(  # type: ignore[valid-type]
+    op: Annotated[list[Literal[ALL_OPS]], Field(min_length=1), FAIL_FAST] | PackedOps = Field(  # type: ignore[valid-type]
         description="one op per row; or packed, as `names` and one code per row",
     )
-    inputs: list[list[int] | PackedRows] = Field(
+    inputs: list[Annotated[list[int], FAIL_FAST] | PackedRows] = Field(
         default_factory=list,
         max_length=3,
         description="one list per operand position, each as long as `op`: inputs[k][i] is the "
         "row of node i's k-th operand, -1 where node i has fewer (leaves: -1 everywhere); "
         "each list may be packed",
     )
-    value: list[Number | None] | PackedValues = Field(
+    value: Annotated[list[Number | None], FAIL_FAST] | PackedValues = Field(
         description="each leaf row's number (input, param, const); null on op rows; packed: "
         "NaN on op rows (a packed leaf may be NaN too)",
     )
-    id: list[NodeId] | None = Field(
+    id: Annotated[list[NodeId], FAIL_FAST] | None = Field(
         None, description='the node ids (default: the row numbers as strings, "0", "1", ...)'
     )
-    attrs: list[ColumnAttrs | None] | None = Field(
+    attrs: Annotated[list[ColumnAttrs | None], FAIL_FAST] | None = Field(
         None, description="each row's op settings, or null (default: none anywhere)"
     )
 
@@ -274,6 +288,7 @@ class ColumnsRequest(WireModel):
     thresholds: Thresholds = Thresholds()
     explain: bool = Field(False, description="add `explanation`: leaves ranked by gradient")
     report: Layout = "columns"
+    tensors: Tensors = "full"
     encoding: Literal["lists", "packed"] = Field(
         "lists",
         description='how the answer writes `columns.value` and `columns.grad`: "lists" (JSON '
@@ -317,15 +332,17 @@ class GraphBody(
 
 class OutputReport(BaseModel):
     id: str
-    value: Tensor
+    value: Tensor | TensorSummary
     shape: list[int]
 
 
 class NodeReport(BaseModel):
     op: str
     shape: list[int]
-    value: Tensor
-    grad: Tensor | None = Field(None, description="d(output)/d(node); absent for const nodes")
+    value: Tensor | TensorSummary
+    grad: Tensor | TensorSummary | None = Field(
+        None, description="d(output)/d(node); absent for const nodes"
+    )
     role: str = Field(description="how the op routes gradient (CS231n's gate words); leaf")
     inputs: list[str] | None = Field(
         None, description="the operand ids, in order (absent for leaves): the graph's edges"
@@ -420,10 +437,10 @@ class ColumnsReport(BaseModel):
         None, description="the node ids (absent for a columns body without an `id` column)"
     )
     shape: list[list[int]] | None = Field(None, description="only when a node is a tensor")
-    value: list[Tensor] | PackedArray = Field(
+    value: list[Tensor | TensorSummary] | PackedArray = Field(
         description='in row order; with `encoding: "packed"` a float64 `PackedArray`'
     )
-    grad: list[Tensor | None] | PackedArray = Field(
+    grad: list[Tensor | TensorSummary | None] | PackedArray = Field(
         description='d(output)/d(node); null for const rows; with `encoding: "packed"` a '
         "float64 `PackedArray`, NaN on const rows"
     )

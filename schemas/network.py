@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from gradiag.schemas.common import Health, Number, Tensor, Thresholds, WireModel
+from gradiag.schemas.common import FAIL_FAST, Health, Number, Tensor, Tensors, Thresholds, WireModel
 from gradiag.schemas.graph import NodeReport
 
 Activation = Literal["relu", "leaky_relu", "sigmoid", "tanh", "linear"]
@@ -50,9 +50,9 @@ class RandomBatchSpec(WireModel):
 class BatchSpec(WireModel):
     """Either an explicit batch (`x`, with `y` unless the loss is `sum`) or `random`."""
 
-    x: Annotated[list[list[Number]], Field(min_length=1)] | None = Field(
-        None, description="(N, input_dim) examples, one per row"
-    )
+    x: (
+        Annotated[list[Annotated[list[Number], FAIL_FAST]], Field(min_length=1), FAIL_FAST] | None
+    ) = Field(None, description="(N, input_dim) examples, one per row")
     y: Tensor | None = Field(
         None,
         description="(N,) integer class labels (softmax_cross_entropy, svm_hinge); (N, units) "
@@ -73,11 +73,11 @@ class NetworkRequest(WireModel):
     """A fully-connected network, lowered to a graph of the engine's ops."""
 
     input_dim: int = Field(ge=1, description="features per example")
-    layers: Annotated[list[LayerSpec], Field(min_length=1)] = Field(
+    layers: Annotated[list[LayerSpec], Field(min_length=1), FAIL_FAST] = Field(
         description="the layers after the input, in order (the input layer is not counted)"
     )
     loss: Loss
-    weights: list[WeightsSpec] | None = Field(
+    weights: Annotated[list[WeightsSpec], FAIL_FAST] | None = Field(
         None, description="explicit W and b per layer (otherwise `init` draws them)"
     )
     init: InitSpec | None = Field(
@@ -90,11 +90,12 @@ class NetworkRequest(WireModel):
     l2: float = Field(
         0.0, ge=0.0, allow_inf_nan=False, description="adds 0.5 * l2 * sum(W^2) over every W"
     )
-    include: list[Literal["gradients"]] = Field(
+    include: Annotated[list[Literal["gradients"]], FAIL_FAST] = Field(
         default_factory=list, description='"gradients": add `nodes`, as in /v1/graph'
     )
     dtype: Literal["float64", "float32"] = "float64"
     thresholds: Thresholds = Thresholds()
+    tensors: Tensors = "full"
 
 
 # --- response --------------------------------------------------------------------------

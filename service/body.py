@@ -1,4 +1,5 @@
-"""Reading a request body: content type, size limit (chunked too), one Pydantic parse."""
+"""Reading a request body: content type, size limit (chunked too), time limit, the JSON
+syntax the contract refuses (service/jsonsyntax.py), one Pydantic parse."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from flask import current_app, g, request
 from pydantic import BaseModel, ValidationError
 
 from gradiag.service.errors import ProblemError, validation_problem
+from gradiag.service.jsonsyntax import JsonSyntaxError, check_json_syntax
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -32,7 +34,10 @@ def read_json_body() -> bytes:
     declared = req.content_length
     if declared is not None and declared > limit:
         raise _too_large(limit)
-    body = _read_at_most(req.stream, limit + 1, declared)
+    try:
+        body = _read_at_most(req.stream, limit + 1, declared)
+    except TimeoutError:  # the worker's body deadline (service/worker.py)
+        raise _too_slow() from None
     g.body_bytes = len(body)  # chunked uploads have no Content-Length for the metrics and logs
     if len(body) > limit:
         raise _too_large(limit)
@@ -68,6 +73,32 @@ def _too_large(limit: int) -> ProblemError:
     )
 
 
+def _too_slow() -> ProblemError:
+    timeout = current_app.config["GRADIAG"].body_timeout
+    return ProblemError(
+        408,
+        "Request Timeout",
+        f"the body did not arrive within {timeout} s (GRADIAG_BODY_TIMEOUT)",
+        headers=[("Connection", "close")],  # what is left of the body is never read
+        limit="body_timeout",
+        limit_value=timeout,
+    )
+
+
+def check_syntax(body: bytes) -> None:
+    """A 400 for a duplicate key or a bare NaN/Infinity, naming it and where it is."""
+    try:
+        check_json_syntax(body)
+    except JsonSyntaxError as err:
+        where = ".".join(map(str, err.loc)) or "body"
+        raise ProblemError(
+            400,
+            "Malformed JSON",
+            f"{where}: {err.message}",
+            errors=[{"loc": err.loc, "msg": err.message}],
+        ) from None
+
+
 def parse_body(model: type[Model], *, first: tuple[bytes, type[BaseModel]] | None = None) -> Any:
     """The body validated as `model`. `first` = (key, a branch of model): a body whose bytes
     hold that key is tried as that branch first, straight from the JSON. For a union with a
@@ -75,6 +106,7 @@ def parse_body(model: type[Model], *, first: tuple[bytes, type[BaseModel]] | Non
     before it validates; a 100k-row table costs ~15 ms more that way. A failure goes through
     `model` for its errors, so the answer is the same either way."""
     body = read_json_body()
+    check_syntax(body)
     if first is not None and first[0] in body:
         try:
             return first[1].model_validate_json(body)
@@ -83,4 +115,7 @@ def parse_body(model: type[Model], *, first: tuple[bytes, type[BaseModel]] | Non
     try:
         return model.model_validate_json(body)
     except ValidationError as err:
-        raise validation_problem(err, body) from None
+        failure = err
+    # outside the `except`: a problem raised while shaping the answer carries no context,
+    # so no traceback prints Pydantic's errors (which quote the body's values)
+    raise validation_problem(failure, body)

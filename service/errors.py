@@ -14,6 +14,7 @@ from typing_extensions import TypeAliasType
 from werkzeug.exceptions import HTTPException
 
 from gradiag.engine import EngineError, LimitError
+from gradiag.schemas.common import ID_MESSAGE, ID_PATTERN
 from gradiag.schemas.graph import (
     ALL_OPS,
     BODY_TAGS,
@@ -22,16 +23,19 @@ from gradiag.schemas.graph import (
     GraphRequest,
 )
 from gradiag.schemas.network import NetworkRequest
+from gradiag.service.text import clip, clip_loc
 
 log = logging.getLogger("gradiag")
 
 PROBLEM_TYPES = {
     400: "urn:gradiag:problem:malformed-json",
     401: "urn:gradiag:problem:unauthorized",
+    408: "urn:gradiag:problem:request-timeout",
     413: "urn:gradiag:problem:too-large",
     415: "urn:gradiag:problem:unsupported-media-type",
     422: "urn:gradiag:problem:invalid-body",
     500: "urn:gradiag:problem:internal",
+    503: "urn:gradiag:problem:busy",
 }
 
 
@@ -68,41 +72,71 @@ def problem_response(
     return response
 
 
+MAX_ERRORS = 100  # listed in an answer; `error_count` says how many there were
+MAX_MESSAGE = 300  # characters of one message (Pydantic's may quote a client's value)
+
+
 def validation_problem(err: ValidationError, body: bytes) -> ProblemError:
     """Pydantic's errors with clean paths, each naming the node at fault where there is one.
 
     Errors of one field from the branches of a union are said once; an error whose path is
     a strict prefix of another's (a tensor that is not a number because an element deep in
-    it is not one) gives way to the deeper one."""
+    it is not one) gives way to the deeper one. Linear in the errors (the wire models stop
+    each list at its first bad item, so there are few); at most MAX_ERRORS are listed."""
     raw = err.errors(include_url=False, include_context=True, include_input=False)
     if any(e["type"] == "json_invalid" for e in raw):
-        return ProblemError(400, "Malformed JSON", raw[0]["msg"])
-    nodes = _node_ids(body)
+        return ProblemError(400, "Malformed JSON", clip(raw[0]["msg"], MAX_MESSAGE))
     items: dict[tuple[Any, ...], dict[str, Any]] = {}
     for e in raw:
         loc = clean_loc(e["loc"], tag_field=_tag_field(e))
-        if loc in items:  # one field failed each branch of its union: say it once
-            item = items[loc]
-            if _is_tensor(e["loc"]):
-                item["msg"] = TENSOR_MESSAGE
-            elif e["msg"] not in item["msg"]:
-                item["msg"] += f"; or: {e['msg']}"
-            continue
-        item = {"loc": list(loc), "msg": TENSOR_MESSAGE if _is_tensor(e["loc"]) else e["msg"]}
-        if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
-            item["node"] = nodes.get(loc[1])
-        items[loc] = item
-    deepest = [
-        item
-        for loc, item in items.items()
-        if not any(len(other) > len(loc) and other[: len(loc)] == loc for other in items)
-    ]
-    first = deepest[0]
+        message = _message(e)
+        item = items.get(loc)
+        if item is None:
+            items[loc] = {"loc": clip_loc(list(loc)), "msg": message}
+        elif message not in item["msg"]:  # one field failed each branch of its union
+            item["msg"] = message if message == TENSOR_MESSAGE else f"{item['msg']}; or: {message}"
+    prefixes = {loc[:k] for loc in items for k in range(len(loc))}
+    deepest = [item for loc, item in items.items() if loc not in prefixes]
+    listed = deepest[:MAX_ERRORS]
+    _name_nodes(listed, body)
+    first = listed[0]
     where = ".".join(str(p) for p in first["loc"]) or "body"
     node = f" (node {first['node']!r})" if first.get("node") else ""
     return ProblemError(
-        422, "Invalid request body", f"{where}{node}: {first['msg']}", errors=deepest
+        422,
+        "Invalid request body",
+        f"{where}{node}: {first['msg']}",
+        errors=listed,
+        error_count=len(deepest) if len(deepest) > len(listed) else None,
     )
+
+
+def _name_nodes(items: list[dict[str, Any]], body: bytes) -> None:
+    """`node`: the id of the node an error is in (clipped), for errors under `nodes`."""
+    if not any(_node_index(item) is not None for item in items):
+        return
+    nodes = _node_ids(body)
+    for item in items:
+        index = _node_index(item)
+        if index is not None and index in nodes:
+            item["node"] = clip(nodes[index])
+
+
+def _node_index(item: dict[str, Any]) -> int | None:
+    loc = item["loc"]
+    if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
+        return int(loc[1])
+    return None
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    """What to say about one of Pydantic's errors: its own message, clipped, except for a
+    tensor element and an id's characters, which have plainer words."""
+    if _is_tensor(error["loc"]):
+        return TENSOR_MESSAGE
+    if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] == ID_PATTERN:
+        return ID_MESSAGE
+    return clip(error["msg"], MAX_MESSAGE)
 
 
 TENSOR_MESSAGE = 'must be a number, "NaN", "Infinity", "-Infinity" or a nested list of them'

@@ -9,6 +9,7 @@ per node, and gives the program `compile_graph` would give."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
@@ -217,8 +218,11 @@ def diagnose(
     *,
     max_expression_chars: int,
     deadline: float | None = None,
+    budget: Callable[[Program], None] | None = None,
 ) -> Diagnosed:
     program = body_program(body, limits, max_expression_chars=max_expression_chars)
+    if budget is not None:  # the answer and memory, from the shapes (service/budget.py)
+        budget(program)
     output_grad = None if body.output_grad is None else to_array(body.output_grad, ("output_grad",))
     result = run(program, output_grad, deadline=deadline)
     diagnostics = graph_diagnostics(result, engine_thresholds(body.thresholds))

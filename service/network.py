@@ -4,13 +4,14 @@ the report is shaped from that one run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flask import current_app, g
 
-from gradiag.engine import EngineError, LimitError, Result, compile_graph, run
+from gradiag.engine import EngineError, LimitError, Program, Result, compile_graph, run
 from gradiag.engine.network import (
     Batch,
     Init,
@@ -30,7 +31,9 @@ from gradiag.engine.network import (
 from gradiag.engine.tensors import to_array, to_wire
 from gradiag.schemas.network import NetworkRequest
 from gradiag.service.body import parse_body
+from gradiag.service.budget import AnswerPlan, budget_check
 from gradiag.service.config import Settings
+from gradiag.service.deadline import check_request_deadline, request_deadline
 from gradiag.service.errors import ProblemError, engine_problem
 from gradiag.service.frontend import engine_limits, engine_thresholds
 from gradiag.service.metrics import ReportSummary
@@ -82,7 +85,10 @@ class DiagnosedNetwork:
 
 
 def diagnose_network(
-    request: NetworkRequest, limits: NetworkLimits, deadline: float | None = None
+    request: NetworkRequest,
+    limits: NetworkLimits,
+    deadline: float | None = None,
+    budget: Callable[[Program], None] | None = None,
 ) -> DiagnosedNetwork:
     """Check, check the limits (nothing drawn yet), lower, run once, read the health."""
     spec = network_spec(request)
@@ -94,21 +100,28 @@ def diagnose_network(
     program = compile_graph(
         nodes, output, limits=limits.graph, dtype=np.dtype(spec.dtype), no_grad=no_grad
     )
+    if budget is not None:  # the answer and memory, from the shapes (service/budget.py)
+        budget(program)
     result = run(program, deadline=deadline)
     diagnostics = network_diagnostics(result, spec, engine_thresholds(request.thresholds))
     return DiagnosedNetwork(spec, result, diagnostics)
 
 
-def network_report_of_request() -> dict[str, Any]:
-    """The /v1/network report of this request's body (for the JSON and SVG views alike)."""
+def network_report_of_request(*, picture: bool = False) -> dict[str, Any]:
+    """The /v1/network report of this request's body (for the JSON and SVG views alike; a
+    picture draws the layers, never `nodes`)."""
     request = parse_body(NetworkRequest)
     settings = current_app.config["GRADIAG"]
+    gradients = "gradients" in request.include and not picture
+    plan = AnswerPlan(request.tensors, nodes=gradients, body_bytes=g.body_bytes)
+    budget = budget_check(plan, field="include")
     try:
-        done = diagnose_network(request, network_limits(settings), settings.deadline())
+        done = diagnose_network(request, network_limits(settings), request_deadline(), budget)
     except EngineError as err:
         raise network_problem(err) from None
+    check_request_deadline()
     g.report_summary = report_summary(done)
-    return network_report(done, gradients="gradients" in request.include)
+    return network_report(done, gradients=gradients, tensors=request.tensors)
 
 
 def network_problem(err: EngineError) -> ProblemError:
@@ -118,7 +131,9 @@ def network_problem(err: EngineError) -> ProblemError:
     return problem
 
 
-def network_report(done: DiagnosedNetwork, *, gradients: bool) -> dict[str, Any]:
+def network_report(
+    done: DiagnosedNetwork, *, gradients: bool, tensors: str = "full"
+) -> dict[str, Any]:
     d = done.diagnostics
     report: dict[str, Any] = {
         "name": d.name,
@@ -140,7 +155,7 @@ def network_report(done: DiagnosedNetwork, *, gradients: bool) -> dict[str, Any]
         "health": health(d.findings, d.status),
     }
     if gradients:
-        report["nodes"] = node_reports(done.result)
+        report["nodes"] = node_reports(done.result, tensors)
     return report
 
 

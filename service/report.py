@@ -16,6 +16,7 @@ from gradiag.engine.gradcheck import GradcheckResult
 from gradiag.engine.graph import OperandRows, ScalarColumn, batch_plan, op_rows
 from gradiag.engine.tensors import to_wire
 from gradiag.service.packed import pack_floats
+from gradiag.service.summary import rows_for, summary_value
 
 
 def health(findings: list[Finding], status: str) -> dict[str, Any]:
@@ -28,14 +29,15 @@ def health(findings: list[Finding], status: str) -> dict[str, Any]:
     }
 
 
-def node_reports(result: Result) -> dict[str, dict[str, Any]]:
+def node_reports(result: Result, tensors: str = "full") -> dict[str, dict[str, Any]]:
     """Every node keyed by id, in the program's order: `op`, `shape`, `value`, `grad` (not
     for a const or a `no_grad` leaf), `role`, `inputs` (op nodes), `local_grad` (scalar op
     nodes). Each field is first made for all rows at once (NumPy, C-level maps), then one
     dict per node: per-row lookups were most of a 100k-node graph's report time."""
     program = result.program
     ids = list(program.ids)  # a columns body's `RowIds` would make each id per lookup
-    grads = _wire_rows(result.grads, program.shapes, result.flat_grads)
+    wire_rows = rows_for(tensors, _wire_rows)  # the arrays, or their summaries
+    grads = wire_rows(result.grads, program.shapes, result.flat_grads)
     for i in _gradless_rows(result):
         grads[i] = _ABSENT
     roles = {op: OPS[op].role if op in OPS else "leaf" for op in set(program.ops)}
@@ -43,7 +45,7 @@ def node_reports(result: Result) -> dict[str, dict[str, Any]]:
         ids,
         program.ops,
         [list(shape) for shape in program.shapes],
-        _wire_rows(result.values, program.shapes, result.flat_values),
+        wire_rows(result.values, program.shapes, result.flat_values),
         grads,
         map(roles.__getitem__, program.ops),
         _input_ids(program, ids),
@@ -138,7 +140,9 @@ def _not_wire_ready(local: dict[int, dict[str, float]]) -> list[int]:
     return [keys[k] for k in owners.tolist()]
 
 
-def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[str, Any]:
+def columns_report(
+    result: Result, *, ids: bool, packed: bool = False, tensors: str = "full"
+) -> dict[str, Any]:
     """Every node as columns, row i for node i in the program's order (a columns body's own
     row order): `value`, `grad` (null for consts), `id` when asked, `shape` when a node is a
     tensor. A 100k-node scalar graph is two lists of floats, not 100k objects; `packed`:
@@ -153,8 +157,9 @@ def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[s
         return report
     if any(program.shapes):  # tensors: one nested list per node (a shape () is falsy)
         report["shape"] = [list(shape) for shape in program.shapes]
-    values = _wire_rows(result.values, program.shapes, result.flat_values)
-    grads = _wire_rows(result.grads, program.shapes, result.flat_grads)
+    wire_rows = rows_for(tensors, _wire_rows)
+    values = wire_rows(result.values, program.shapes, result.flat_values)
+    grads = wire_rows(result.grads, program.shapes, result.flat_grads)
     for i in const_rows:
         grads[i] = None
     report["value"] = values
@@ -227,6 +232,7 @@ def graph_report(
     layout: str = "nodes",
     column_ids: bool = True,
     encoding: str = "lists",
+    tensors: str = "full",
 ) -> dict[str, Any]:
     """The /v1/graph answer; `layout` "columns" puts `columns` where `nodes` would be,
     `encoding` "packed" writes its value and grad as base64 float64 arrays."""
@@ -236,13 +242,17 @@ def graph_report(
     report: dict[str, Any] = {
         "output": {
             "id": program.ids[out],
-            "value": to_wire(result.values[out]),
+            "value": summary_value(result.values[out], tensors),
             "shape": list(program.shapes[out]),
         },
         **(
-            {"columns": columns_report(result, ids=column_ids, packed=encoding == "packed")}
+            {
+                "columns": columns_report(
+                    result, ids=column_ids, packed=encoding == "packed", tensors=tensors
+                )
+            }
             if layout == "columns"
-            else {"nodes": node_reports(result)}
+            else {"nodes": node_reports(result, tensors)}
         ),
         "parameters": {
             "tensors": diagnostics.parameter_tensors,

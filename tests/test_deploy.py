@@ -46,7 +46,23 @@ def container() -> dict[str, Any]:
 
 
 def env_of(c: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c.get("env", [])}
+    """The container's environment as the kubelet gives it: values, and the memory limit
+    through the downward API (resourceFieldRef) in bytes."""
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["resourceFieldRef"]
+            assert ref["resource"] == "limits.memory"
+            env[e["name"]] = str(quantity_bytes(c["resources"]["limits"]["memory"]))
+    return env
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (`1Gi`, `384Mi`) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]]
 
 
 def test_kustomization_lists_every_manifest() -> None:
