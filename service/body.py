@@ -7,6 +7,7 @@ from typing import IO, Any, TypeVar
 
 from flask import current_app, g, request
 from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import ClientDisconnected
 
 from gradiag.service.errors import ProblemError, validation_problem
 from gradiag.service.jsonsyntax import JsonSyntaxError, check_json_syntax
@@ -36,8 +37,12 @@ def read_json_body() -> bytes:
         raise _too_large(limit)
     try:
         body = _read_at_most(req.stream, limit + 1, declared)
-    except TimeoutError:  # the worker's body deadline (service/worker.py)
+    except TimeoutError:  # the worker's body deadline (service/worker.py), on a raw stream
         raise _too_slow() from None
+    except ClientDisconnected as err:  # Werkzeug's wrapper turns a read's error into this
+        if isinstance(err.__context__, TimeoutError):
+            raise _too_slow() from None
+        raise
     g.body_bytes = len(body)  # chunked uploads have no Content-Length for the metrics and logs
     if len(body) > limit:
         raise _too_large(limit)

@@ -45,16 +45,24 @@ DIM_BYTES = 11  # one dimension of `shape`: up to 10 digits and a comma
 # "":{"op":"","shape":[],"value":,"grad":,"role":"","inputs":[],"local_grad":{}},
 NODE_BYTES = 80
 REFERENCE_BYTES = 6 + NUMBER_BYTES  # an operand: "id", in `inputs`; "id":x, in `local_grad`
+COLUMN_ROW_BYTES = 8  # a row of `columns` without its id and numbers: commas, a shape's []
 ANSWER_FRAME_BYTES = 16 * 1024  # output, parameters, diagnostics, health without findings
 ID_ESCAPES = 2  # a `"` or `\` in an id is written as two bytes
 
 # --- peak memory -------------------------------------------------------------------------
 
-PARSED_BODY_FACTOR = 12  # Python objects per byte of JSON (node dicts: ~12x, numbers: ~2x)
+# The parsed body's Python objects: at most ~12 bytes per byte of JSON (small node objects);
+# ~2 per byte for numbers and long ids, plus what each node's model and dicts take.
+PARSED_BODY_FACTOR = 12
+PARSED_TEXT_FACTOR = 2
+PARSED_NODE_BYTES = 700
 OPS_TEMPORARIES = 3  # arrays an op's backward holds at once, as widths of its widest node
+PROGRAM_NODE_BYTES = 600  # the compiled program and the run's plan, per node
 NUMBER_OBJECT_BYTES = 32  # a float in a report list: the object and its slot
 NODE_OBJECT_BYTES = 1200  # a report entry's dicts, lists and strings
+COLUMN_OBJECT_BYTES = 150  # a row of `columns`: its id's string, its shape's list
 ENCODER_FACTOR = 2  # orjson grows its buffer, then copies it into the answer's bytes
+ALLOCATOR_FACTOR = 1.2  # what the process holds beyond what is allocated (fragmentation)
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class AnswerPlan:
 
     tensors: str  # "full", "summary" or "picture" (the SVG endpoints)
     nodes: bool = True  # the answer has `nodes` (or `columns`)
+    columns: bool = False  # as `columns` (`report: "columns"`)
     gradcheck: bool = False
     body_bytes: int = 0
 
@@ -168,39 +177,48 @@ def _role_bytes() -> dict[str, int]:
 def _answer_bytes(sizes: _Sizes, plan: AnswerPlan, tensors: str) -> int:
     if not plan.nodes:
         return ANSWER_FRAME_BYTES
-    nodes = (
-        sizes.nodes * (NODE_BYTES + DIM_BYTES)  # an empty shape still has its brackets
-        + sizes.id_bytes
-        + sizes.dims * DIM_BYTES
-        + sizes.role_bytes
-        + sizes.references * REFERENCE_BYTES
-        + 2 * sizes.reference_bytes
-    )
+    if plan.columns:
+        rows = sizes.nodes * COLUMN_ROW_BYTES + sizes.id_bytes + sizes.dims * DIM_BYTES
+    else:
+        rows = (
+            sizes.nodes * (NODE_BYTES + DIM_BYTES)  # an empty shape still has its brackets
+            + sizes.id_bytes
+            + sizes.dims * DIM_BYTES
+            + sizes.role_bytes
+            + sizes.references * REFERENCE_BYTES
+            + 2 * sizes.reference_bytes
+        )
     if tensors == "full":
         numbers = (sizes.elements + sizes.grad_elements) * NUMBER_BYTES
         numbers += (sizes.lists + sizes.grad_lists) * LIST_BYTES
     else:  # value and grad summaries (a picture's small ones are smaller still)
         numbers = 2 * sizes.nodes * SUMMARY_BYTES + sizes.dims * DIM_BYTES * 2
     gradcheck = sizes.nodes * 400 + sizes.id_bytes * 2 if plan.gradcheck else 0
-    return ANSWER_FRAME_BYTES + nodes + numbers + gradcheck
+    return ANSWER_FRAME_BYTES + rows + numbers + gradcheck
 
 
 def _peak_bytes(sizes: _Sizes, plan: AnswerPlan, tensors: str, answer: int) -> int:
     """The largest of: computing (values, gradients, the widest op's temporaries), shaping
     the report (arrays and its Python objects), encoding it (objects and bytes); with the
-    parsed body alive throughout."""
-    parsed = plan.body_bytes * PARSED_BODY_FACTOR
+    parsed body and the compiled program alive throughout."""
+    parsed = min(
+        plan.body_bytes * PARSED_BODY_FACTOR,
+        plan.body_bytes * PARSED_TEXT_FACTOR + sizes.nodes * PARSED_NODE_BYTES,
+    )
     arrays = (sizes.elements + sizes.grad_elements) * sizes.itemsize
     temporaries = OPS_TEMPORARIES * sizes.widest * sizes.itemsize
     if plan.gradcheck:  # a perturbed forward pass holds a second set of values
         temporaries += sizes.elements * sizes.itemsize
-    objects = sizes.nodes * NODE_OBJECT_BYTES if plan.nodes else 0
+    objects = 0
+    if plan.nodes:
+        objects = sizes.nodes * (COLUMN_OBJECT_BYTES if plan.columns else NODE_OBJECT_BYTES)
     if plan.nodes and tensors == "full":
         objects += (sizes.elements + sizes.grad_elements) * NUMBER_OBJECT_BYTES
     computing = arrays + temporaries
     shaping = arrays + objects
     encoding = objects + ENCODER_FACTOR * answer
-    return parsed + max(computing, shaping, encoding)
+    program = sizes.nodes * PROGRAM_NODE_BYTES
+    return int(ALLOCATOR_FACTOR * (parsed + program + max(computing, shaping, encoding)))
 
 
 # --- the checks --------------------------------------------------------------------------

@@ -51,7 +51,12 @@ def graph_report_of_request(*, picture: bool = False) -> dict[str, Any]:
     body = parsed.root if isinstance(parsed, GraphBody) else parsed
     settings = current_app.config["GRADIAG"]
     tensors = "picture" if picture else body.tensors
-    plan = AnswerPlan(tensors, gradcheck=body.gradcheck is not False, body_bytes=g.body_bytes)
+    plan = AnswerPlan(
+        tensors,
+        columns=body.report == "columns" and not picture,
+        gradcheck=body.gradcheck is not False,
+        body_bytes=g.body_bytes,
+    )
     try:
         done = diagnose(
             body,

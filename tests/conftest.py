@@ -75,7 +75,7 @@ def running_server(
             try:
                 if requests.get(f"{base_url}/healthz", timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or booting
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"gradiag serve did not answer /healthz in 30 s:\n{_tail(log_path)}")

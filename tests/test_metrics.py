@@ -275,7 +275,7 @@ def test_request_count_is_merged_across_two_gunicorn_workers(tmp_path: Path) -> 
             try:
                 requests.get(f"{url}/healthz", timeout=1)
                 break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not yet listening, booting
                 assert server.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, "gunicorn did not start"
                 time.sleep(0.1)
