@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any, Union, get_args, get_origin
 
 import orjson
@@ -115,7 +117,7 @@ def _name_nodes(items: list[dict[str, Any]], body: bytes) -> None:
     """`node`: the id of the node an error is in (clipped), for errors under `nodes`."""
     if not any(_node_index(item) is not None for item in items):
         return
-    nodes = _node_ids(body)
+    nodes = _node_ids(body, {i for i in map(_node_index, items) if i is not None})
     for item in items:
         index = _node_index(item)
         if index is not None and index in nodes:
@@ -233,20 +235,52 @@ def _union_field(path: list[Any]) -> str | None:
     return path[-1] if path and isinstance(path[-1], str) else None
 
 
-def _node_ids(body: bytes) -> Mapping[int, str]:
-    """The ids of the request's nodes, by position, read only on the error path."""
+def _node_ids(body: bytes, wanted: Collection[int]) -> Mapping[int, str]:
+    """The ids of the nodes at the `wanted` positions, read only on the error path and only
+    as far as the last of them: the body's members are decoded one at a time and `nodes`
+    item by item (lists stop at their first bad item, so it is usually near the front)."""
+    last = max(wanted)
+    ids: dict[int, str] = {}
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    nodes = doc.get("nodes") if isinstance(doc, dict) else None
-    if not isinstance(nodes, list):
-        return {}
-    return {
-        k: n["id"]
-        for k, n in enumerate(nodes)
-        if isinstance(n, dict) and isinstance(n.get("id"), str)
-    }
+        for k, node in enumerate(_items(body.decode(), "nodes")):
+            if k in wanted and isinstance(node, dict) and isinstance(node.get("id"), str):
+                ids[k] = node["id"]
+            if k >= last:
+                break
+    except (ValueError, IndexError, RecursionError):  # not the shape looked for
+        pass
+    return ids
+
+
+_DECODER = json.JSONDecoder()
+_BLANK = re.compile(r"[ \t\n\r]*")
+
+
+def _items(text: str, field: str) -> Iterator[Any]:
+    """The items of the top-level object's list `field`, decoded one at a time (what comes
+    before it is decoded whole, to be skipped)."""
+    i = _skip(text, 0, "{")
+    while text[i] != "}":
+        key, i = _DECODER.raw_decode(text, i)
+        i = _skip(text, _skip(text, i, ":"), "")
+        if key != field:
+            _, i = _DECODER.raw_decode(text, i)
+            i = _skip(text, i, ",")
+            continue
+        i = _skip(text, i, "[")
+        while text[i] != "]":
+            item, i = _DECODER.raw_decode(text, i)
+            yield item
+            i = _skip(text, i, ",")
+        return
+
+
+def _skip(text: str, i: int, token: str) -> int:
+    """Past blanks, then past `token` when it is next (a missing `,` before an end is fine)."""
+    i = _BLANK.match(text, i).end()  # type: ignore[union-attr]
+    if token and text.startswith(token, i):
+        i = _BLANK.match(text, i + len(token)).end()  # type: ignore[union-attr]
+    return i
 
 
 def engine_problem(err: EngineError) -> ProblemError:

@@ -19,7 +19,7 @@ from gradiag.engine import (
     compile_graph,
     run,
 )
-from gradiag.schemas.graph import ColumnsRequest, GraphBody
+from gradiag.schemas.graph import ColumnsRequest, GraphBody, GraphRequest
 from gradiag.service.body import parse_body
 from gradiag.service.budget import AnswerPlan, budget_check, check_answer
 from gradiag.service.deadline import check_request_deadline, request_deadline
@@ -47,7 +47,11 @@ def graph_report_of_request(*, picture: bool = False) -> dict[str, Any]:
     (a picture needs `nodes`, with tensors summarised: service.summary). A graph (`nodes`),
     an expression (`expression`) or a table (`columns`); service.frontend tells them apart.
     The answer's size and the memory are checked from the shapes before the engine runs."""
-    parsed = parse_body(GraphBody, first=(b'"columns"', ColumnsRequest))
+    parsed = parse_body(
+        GraphBody,
+        first=(b'"columns"', ColumnsRequest),
+        unless=((b'"expression"', b'"columns"'), GraphRequest),
+    )
     body = parsed.root if isinstance(parsed, GraphBody) else parsed
     settings = current_app.config["GRADIAG"]
     tensors = "picture" if picture else body.tensors
