@@ -47,9 +47,12 @@ NodeId = Annotated[
 
 
 class WireModel(BaseModel):
-    """Strict: no lax coercion, misspelled fields are errors."""
+    """Strict: no lax coercion, misspelled fields are errors. An error keeps no copy of the
+    input it is about (the answer never quotes it, and a copy of a big tensor is costly)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", ser_json_inf_nan="strings")
+    model_config = ConfigDict(
+        strict=True, extra="forbid", ser_json_inf_nan="strings", hide_input_in_errors=True
+    )
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]

@@ -90,15 +90,25 @@ def _too_slow() -> ProblemError:
     )
 
 
+# Objects whose members are the client's names, not fields: one member per node at most.
+WIDE_OBJECTS: dict[tuple[str | int, ...], str] = {("values",): "max_nodes"}  # an expression's
+
+
 def check_syntax(body: bytes) -> None:
-    """A 400 for a duplicate key or a bare NaN/Infinity, naming it and where it is."""
+    """A 400 for a duplicate key or a bare NaN/Infinity, a 422 for an object of far more
+    members than any of the API has; naming it and where it is."""
+    settings = current_app.config["GRADIAG"]
+    wide: dict[tuple[str | int, ...], int] = {
+        path: getattr(settings, limit) for path, limit in WIDE_OBJECTS.items()
+    }
     try:
-        check_json_syntax(body)
+        check_json_syntax(body, wide)
     except JsonSyntaxError as err:
         where = ".".join(map(str, err.loc)) or "body"
+        title = "Malformed JSON" if err.status == 400 else "Invalid request body"
         raise ProblemError(
-            400,
-            "Malformed JSON",
+            err.status,
+            title,
             f"{where}: {err.message}",
             errors=[{"loc": err.loc, "msg": err.message}],
         ) from None

@@ -237,17 +237,23 @@ def _union_field(path: list[Any]) -> str | None:
 
 def _node_ids(body: bytes, wanted: Collection[int]) -> Mapping[int, str]:
     """The ids of the nodes at the `wanted` positions, read only on the error path and only
-    as far as the last of them: the body's members are decoded one at a time and `nodes`
-    item by item (lists stop at their first bad item, so it is usually near the front)."""
+    as far as needed: the body is walked member by member and `nodes` item by item up to
+    the last wanted one (lists stop at their first bad item, so it is usually near the
+    front), and a node's members only up to its `id` (its tensor is not decoded)."""
     last = max(wanted)
     ids: dict[int, str] = {}
     try:
-        for k, node in enumerate(_items(body.decode(), "nodes")):
-            if k in wanted and isinstance(node, dict) and isinstance(node.get("id"), str):
-                ids[k] = node["id"]
+        text = body.decode()
+        nodes = next(i for key, i in _members(text, 0) if key == "nodes")
+        for k, start in enumerate(_items(text, nodes)):
+            if k in wanted and text[start] == "{":
+                at = next((i for key, i in _members(text, start) if key == "id"), None)
+                node_id = None if at is None else _DECODER.raw_decode(text, at)[0]
+                if isinstance(node_id, str):
+                    ids[k] = node_id
             if k >= last:
                 break
-    except (ValueError, IndexError, RecursionError):  # not the shape looked for
+    except (ValueError, IndexError, StopIteration, RecursionError):  # not the shape looked for
         pass
     return ids
 
@@ -256,29 +262,29 @@ _DECODER = json.JSONDecoder()
 _BLANK = re.compile(r"[ \t\n\r]*")
 
 
-def _items(text: str, field: str) -> Iterator[Any]:
-    """The items of the top-level object's list `field`, decoded one at a time (what comes
-    before it is decoded whole, to be skipped)."""
-    i = _skip(text, 0, "{")
+def _members(text: str, i: int) -> Iterator[tuple[str, int]]:
+    """(key, where its value starts) for each member of the object at `i`; a value is
+    decoded (to be skipped) only when the caller asks for the next member."""
+    i = _skip(text, i, "{")
     while text[i] != "}":
         key, i = _DECODER.raw_decode(text, i)
-        i = _skip(text, _skip(text, i, ":"), "")
-        if key != field:
-            _, i = _DECODER.raw_decode(text, i)
-            i = _skip(text, i, ",")
-            continue
-        i = _skip(text, i, "[")
-        while text[i] != "]":
-            item, i = _DECODER.raw_decode(text, i)
-            yield item
-            i = _skip(text, i, ",")
-        return
+        i = _skip(text, i, ":")
+        yield key, i
+        i = _skip(text, _DECODER.raw_decode(text, i)[1], ",")
+
+
+def _items(text: str, i: int) -> Iterator[int]:
+    """Where each item of the array at `i` starts, skipped the same way."""
+    i = _skip(text, i, "[")
+    while text[i] != "]":
+        yield i
+        i = _skip(text, _DECODER.raw_decode(text, i)[1], ",")
 
 
 def _skip(text: str, i: int, token: str) -> int:
-    """Past blanks, then past `token` when it is next (a missing `,` before an end is fine)."""
+    """Past blanks, then past `token` and blanks when it is next."""
     i = _BLANK.match(text, i).end()  # type: ignore[union-attr]
-    if token and text.startswith(token, i):
+    if text.startswith(token, i):
         i = _BLANK.match(text, i + len(token)).end()  # type: ignore[union-attr]
     return i
 

@@ -5,6 +5,11 @@ of two equal keys and reads the literals as floats, so `check_json_syntax` looks
 bytes first, with the standard library's parser: its `object_pairs_hook` sees every key of
 every object and its `parse_constant` every bare literal.
 
+The same pass refuses an object of more than MAX_MEMBERS members (but where the caller
+allows a wider one, such as an expression's `values`): every object of the API has a dozen
+fields at most, and Pydantic would answer a million unknown fields with a million errors
+(seconds, and gigabytes), where this answers one.
+
 An array with no string, no object and no `N` or `I` in it (numbers, true, false, null: a
 tensor, nearly all of a big body's bytes) can hold neither, nor can an empty object; each
 run of such siblings is first folded into one `0` by a regular expression (~2 ms per MB,
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gradiag.service.text import clip
@@ -31,23 +36,28 @@ _ITEM = rb"(?:\[[^\"{}\[\]NI]*\]|\{\s*\})"
 _FOLDABLE = re.compile(_ITEM + rb"(?:\s*,\s*" + _ITEM + rb")*")
 MAX_FOLDS = 8  # one pass per tensor rank; deeper nesting is left to the parsers
 LITERALS = ("NaN", "Infinity", "-Infinity")
+MAX_MEMBERS = 64  # members of one object, unless the caller allows more at its path
+
+Loc = list[str | int]
 
 
 class JsonSyntaxError(ValueError):
-    """A duplicate key or a bare non-finite literal, at `loc` (the path to it)."""
+    """A duplicate key or a bare non-finite literal (`status` 400: not JSON as the contract
+    has it), or an object too wide (422: JSON, but no valid request), at `loc`."""
 
-    def __init__(self, message: str, loc: list[str | int]) -> None:
+    def __init__(self, message: str, loc: Loc, status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.loc = loc
+        self.status = status
 
 
 class _Found(Exception):
-    """Stops the quick pass at the first duplicate key or bare literal."""
+    """Stops the quick pass at the first duplicate key, bare literal or wide object."""
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> None:
-    if len({key for key, _ in pairs}) != len(pairs):
+    if len(pairs) > MAX_MEMBERS or len({key for key, _ in pairs}) != len(pairs):
         raise _Found
     return None  # the quick pass builds nothing
 
@@ -68,10 +78,14 @@ def fold_number_arrays(body: bytes) -> bytes:
     return body
 
 
-def check_json_syntax(body: bytes) -> None:
-    """Raise JsonSyntaxError for the first duplicate key or bare literal of the body.
-    Anything else malformed (or too deep for the standard parser) passes: Pydantic's parser
-    answers it."""
+Wide = Mapping[tuple[str | int, ...], int]
+
+
+def check_json_syntax(body: bytes, wide: Wide | None = None) -> None:
+    """Raise JsonSyntaxError for the first duplicate key, bare literal or object of more
+    than MAX_MEMBERS members (`wide`: paths where more are allowed, and how many). Anything
+    else malformed (or too deep for the standard parser) passes: Pydantic's parser answers
+    it."""
     try:
         _QUICK.decode(fold_number_arrays(body).decode("utf-8"))
     except _Found:
@@ -80,7 +94,7 @@ def check_json_syntax(body: bytes) -> None:
         return
     else:
         return
-    found = _locate(body)
+    found = _locate(body, wide or {})
     if found is not None:
         raise found
 
@@ -92,6 +106,10 @@ class _DuplicateKey(dict[str, Any]):
     def __init__(self, pairs: list[tuple[str, Any]], key: str) -> None:
         super().__init__(pairs)
         self.key = key
+
+
+class _WideObject(dict[str, Any]):
+    pass
 
 
 class _Literal:
@@ -108,7 +126,7 @@ def _mark_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if key in seen:
             return _DuplicateKey(pairs, key)
         seen.add(key)
-    return dict(pairs)
+    return _WideObject(pairs) if len(pairs) > MAX_MEMBERS else dict(pairs)
 
 
 _MARKING = json.JSONDecoder(
@@ -116,9 +134,10 @@ _MARKING = json.JSONDecoder(
 )
 
 
-def _locate(body: bytes) -> JsonSyntaxError | None:
+def _locate(body: bytes, wide: Wide) -> JsonSyntaxError | None:
     """The raw body parsed with markers; the first marker in document order, as an error.
-    None when the quick pass's finding was an artefact of folding."""
+    None when the quick pass's finding was an artefact of folding, or a wide object where
+    `wide` allows it."""
     try:
         document = _MARKING.decode(body.decode("utf-8"))
     except (ValueError, RecursionError):
@@ -131,6 +150,17 @@ def _locate(body: bytes) -> JsonSyntaxError | None:
         if isinstance(item, _DuplicateKey):
             key = clip(item.key)
             return JsonSyntaxError(f"the key {key!r} appears twice in this object", [*loc, key])
+        if isinstance(item, _WideObject):
+            allowed = wide.get(tuple(loc))
+            if allowed is not None and len(item) <= allowed:
+                continue
+            most = MAX_MEMBERS if allowed is None else allowed
+            return JsonSyntaxError(
+                f"the object has {len(item):,} members; at most {most:,} are allowed here"
+                + (" (the others would be unknown fields)" if allowed is None else ""),
+                loc,
+                status=422,
+            )
     return None
 
 
