@@ -29,7 +29,7 @@ from functools import cache
 from itertools import chain
 
 import numpy as np
-from flask import Flask, Response, current_app, g
+from flask import Flask, Response, current_app, g, request
 
 from gradiag.engine import OPS, Program
 from gradiag.service.config import MIB, Settings
@@ -345,11 +345,13 @@ def hold(amount: int) -> None:
 
 
 def _hand_to_answer(response: Response) -> Response:
-    """The estimate is given back; the answer's own length is held until it is sent."""
+    """The estimate is given back; under a server that runs requests side by side in a
+    worker (gevent: `wsgi.multithread`), the answer's own length is held until it is sent.
+    Elsewhere (sync workers, tests) nothing else shares the worker, so nothing is held."""
     held = g.pop("held_bytes", 0)
     if held:
         LEDGER.give_back(held)
-        if not response.is_streamed:
+        if request.environ.get("wsgi.multithread") and not response.is_streamed:
             sending = response.calculate_content_length() or 0
             LEDGER.take(sending)
             response.call_on_close(lambda: LEDGER.give_back(sending))

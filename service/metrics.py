@@ -236,7 +236,7 @@ def exposition() -> bytes:
     A directory that cannot be read gives only `gradiag_metrics_degraded 1` (and a log line)."""
     path = os.environ.get(MULTIPROC_ENV)
     if not path:
-        return generate_latest(REGISTRY) + generate_latest(_degraded_registry(None))
+        return generate_latest(REGISTRY) + generate_latest(_degraded_registry(_write_error))
     reason = _write_error or degraded_reason(path)
     try:
         with scrape_lock(path):

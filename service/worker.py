@@ -65,4 +65,13 @@ class GeventWorker(GunicornGeventWorker):  # type: ignore[misc]
         if req.body is not None:
             deadline = time.monotonic() + self.body_timeout
             req.body.reader = BodyDeadline(req.body.reader, deadline)
-        return super().handle_request(listener_name, req, sock, addr)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except TimeoutError:  # gunicorn would log a traceback; this is the client's doing
+            self.log.info(
+                "dropped a client that did not take its answer within %s s (%s %s)",
+                self.send_timeout,
+                req.method,
+                req.path[:80],
+            )
+            raise StopIteration from None  # gunicorn closes the connection
