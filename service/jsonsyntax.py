@@ -32,8 +32,10 @@ from gradiag.service.text import clip
 
 # an array without strings, objects, arrays or the letters that start NaN and Infinity, or
 # an empty object; a run of them, comma-separated. No quote: never across a string's edge.
-_ITEM = rb"(?:\[[^\"{}\[\]NI]*\]|\{\s*\})"
-_FOLDABLE = re.compile(_ITEM + rb"(?:\s*,\s*" + _ITEM + rb")*")
+# Possessive (Python 3.11): nothing to backtrack into, so no state kept per repetition (a
+# plain `*` took 3.4 s over 5.5M empty objects, this 0.2 s).
+_ITEM = rb"(?:\[[^\"{}\[\]NI]*+\]|\{\s*+\})"
+_FOLDABLE = re.compile(_ITEM + rb"(?:\s*+,\s*+" + _ITEM + rb")*+")
 MAX_FOLDS = 8  # one pass per tensor rank; deeper nesting is left to the parsers
 LITERALS = ("NaN", "Infinity", "-Infinity")
 MAX_MEMBERS = 64  # members of one object, unless the caller allows more at its path
