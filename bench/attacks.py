@@ -101,6 +101,20 @@ class Server:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         return [int(p) for p in children.read_text().split()] if children.exists() else []
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU of the master and its workers so far, recycled workers
+        included (the master's children's times); 0 for `--url`."""
+        if self.proc is None:
+            return 0.0
+        total = 0
+        for pid, dead_children in [(self.proc.pid, True)] + [(w, False) for w in self.workers()]:
+            with suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+                if dead_children:
+                    total += int(fields[13]) + int(fields[14])  # cutime, cstime
+        return total / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> list[float]:
         return [round(rss_mib(pid), 1) for pid in self.workers()]
 
@@ -271,9 +285,13 @@ def _phase(server: Server, kind: str, args: Any) -> dict[str, Any]:
         time.sleep(3)  # all connected
     probe: dict[str, Any] = {}
     prober = threading.Thread(target=_probe_into, args=(probe, server.port, args.seconds))
+    cpu = server.cpu_seconds()
     prober.start()
     result = _load(server.port, args.seconds, args.load_connections, 5.0)
     prober.join(args.seconds + 30)
+    served = result["graph_ok_per_s"] * args.seconds
+    if served and server.proc is not None:  # the server's CPU per graph answered
+        result["server_cpu_ms_per_graph"] = round(1000 * (server.cpu_seconds() - cpu) / served, 3)
     for process in attackers:
         process.terminate()
         process.join(10)
@@ -483,7 +501,11 @@ def shutdown(python: str | None, workdir: Path, args: Any) -> Iterator[dict[str,
 
 @contextmanager
 def serving(args: Any, workdir: Path) -> Iterator[Server]:
-    server = Server.at(args.url) if args.url else Server(args.server_python, args.workers, workdir)
+    env = dict(item.split("=", 1) for item in args.server_env)
+    if args.url:
+        server = Server.at(args.url)
+    else:
+        server = Server(args.server_python, args.workers, workdir, env)
     try:
         yield server
     finally:
@@ -499,6 +521,7 @@ def main() -> int:
     parser.add_argument("--url", help="attack a running server instead of starting one")
     parser.add_argument("--server-python", help="the python of another checkout to serve")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--server-env", action="append", default=[], help="NAME=VALUE")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--attackers", type=int, default=500)
     parser.add_argument("--attacks", default="idle,byte-headers,short-body")
