@@ -392,7 +392,7 @@ def floods(server: Server, args: Any) -> Iterator[dict[str, Any]]:
             b'{"nodes":[{"id":"' + b"a" * 15_000_000 + b'","op":"input","value":1}],"output":"x"}',
         ),
     ]
-    for name, body in cases:
+    for name, body in cases[: args.floods]:
         out = timed(lambda b=body: request("POST", server.port, "/v1/graph", b, 300))  # type: ignore[misc]
         yield {"scenario": "error flood", "case": name, "body_bytes": len(body), **out}
     yield {
@@ -526,6 +526,7 @@ def main() -> int:
     parser.add_argument("--attackers", type=int, default=500)
     parser.add_argument("--attacks", default="idle,byte-headers,short-body")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--floods", type=int, default=6, help="how many flood cases to run")
     parser.add_argument("--load-connections", type=int, default=8)
     parser.add_argument("--label-requests", type=int, default=5000)
     parser.add_argument("--budget", type=int, default=3, help="shutdown: the time budget")
