@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint typecheck unit clean bench oracle fuzz load wrk
+.PHONY: serve test lint typecheck unit clean bench oracle fuzz load wrk attacks
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,3 +68,9 @@ load: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The outsider's attacks of docs/hardening.md (bench/attacks.py): slow clients beside a load,
+# answer bombs, error floods, metric labels, shutdown. ATTACK_ARGS="--url http://..." attacks
+# a running server (the container image); not part of `make test`.
+attacks: $(BIN)/.installed
+	$(BIN)/python bench/attacks.py $(ATTACK_ARGS)

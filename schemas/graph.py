@@ -8,7 +8,8 @@ fields are the table's `Attr`s, with the forward's defaults. A new op row is a n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Union
+import types
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -25,7 +26,17 @@ from typing_extensions import TypedDict
 from gradiag.engine.gradcheck import GradcheckOptions as EngineGradcheckOptions
 from gradiag.engine.ops import LEAF_OPS as ENGINE_LEAF_OPS
 from gradiag.engine.ops import OPS, Op
-from gradiag.schemas.common import Health, NodeId, Number, Tensor, Thresholds, WireModel
+from gradiag.schemas.common import (
+    FAIL_FAST,
+    Health,
+    NodeId,
+    Number,
+    Tensor,
+    Tensors,
+    TensorSummary,
+    Thresholds,
+    WireModel,
+)
 
 LEAF_OPS = tuple(ENGINE_LEAF_OPS)
 ALL_OPS = LEAF_OPS + tuple(OPS)
@@ -57,12 +68,24 @@ def _typed_dict(name: str, doc: str, fields: dict[str, Any]) -> Any:
     return with_config(WIRE)(typed)
 
 
+def _wire_kind(kind: Any) -> Any:
+    """An attr's type on the wire: its lists stop at the first bad item (FAIL_FAST)."""
+    if get_origin(kind) is list:
+        return Annotated[kind, FAIL_FAST]
+    if get_origin(kind) in (Union, types.UnionType):
+        return Union[tuple(_wire_kind(arg) for arg in get_args(kind))]  # noqa: UP007
+    return kind
+
+
 def _attrs_dict(name: str, op: Op) -> Any:
     """An op's attrs: every one optional; an absent one takes the forward's default."""
     defaults = op.attr_defaults()
     fields = {
         attr: NotRequired[
-            Annotated[spec.kind, Field(description=f"{spec.doc} (default {defaults[attr]!r})")]
+            Annotated[
+                _wire_kind(spec.kind),
+                Field(description=f"{spec.doc} (default {defaults[attr]!r})"),
+            ]
         ]
         for attr, spec in op.attrs.items()
     }
@@ -168,12 +191,13 @@ class RunOptions(WireModel):
 class GraphRequest(RunOptions):
     """A computational graph. Nodes may come in any order; the graph must be acyclic."""
 
-    nodes: Annotated[list[Node], Field(min_length=1)]
+    nodes: Annotated[list[Node], Field(min_length=1), FAIL_FAST]
     output: NodeId = Field(description="the id of the node whose gradient is taken")
     output_grad: Tensor | None = Field(
         None, description="upstream gradient at the output (default: all ones)"
     )
     report: Layout = "nodes"
+    tensors: Tensors = "full"
 
 
 class ExpressionRequest(RunOptions):
@@ -183,13 +207,14 @@ class ExpressionRequest(RunOptions):
         description="numbers, names (keys of `values`), + - * / ** @, unary - and +, "
         "parentheses and catalogue ops by name: sigmoid(w0*x0 + w1*x1 + w2)"
     )
-    values: dict[NodeId, Tensor] = Field(
+    values: Annotated[dict[NodeId, Tensor], FAIL_FAST] = Field(
         default_factory=dict, description="every name is an `input` node with that id"
     )
     output_grad: Tensor | None = Field(
         None, description="upstream gradient at the output (default: all ones)"
     )
     report: Layout = "nodes"
+    tensors: Tensors = "full"
 
 
 def _column_attrs() -> type[WireModel]:
@@ -197,7 +222,8 @@ def _column_attrs() -> type[WireModel]:
     fields: dict[str, Any] = {}
     for op in OPS.values():
         for name, spec in op.attrs.items():
-            kind = spec.kind if name not in fields else fields[name][0] | spec.kind
+            kind = _wire_kind(spec.kind)
+            kind = kind if name not in fields else fields[name][0] | kind
             fields[name] = (kind | None, Field(None, description=f"{op.name}: {spec.doc}"))
     return create_model(
         "ColumnAttrs",
@@ -255,9 +281,9 @@ class PackedCodes(PackedArray):
 class PackedOps(WireModel):
     """The op column as a legend and codes: row i's op is `names[codes[i]]`."""
 
-    names: Annotated[list[Literal[ALL_OPS]], Field(min_length=1)]  # type: ignore[valid-type]
-    codes: PackedCodes | list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(
-        description="one index into `names` per row, packed or as a list"
+    names: Annotated[list[Literal[ALL_OPS]], Field(min_length=1), FAIL_FAST]  # type: ignore[valid-type]
+    codes: PackedCodes | Annotated[list[Annotated[int, Field(ge=0, le=2**63 - 1)]], FAIL_FAST] = (
+        Field(description="one index into `names` per row, packed or as a list")
     )
 
 
@@ -267,24 +293,24 @@ class GraphColumns(WireModel):
     writes them; every leaf value is one number. `op`, each `inputs` list and `value` may be
     packed (`PackedArray`): a binary array in base64, no JSON number or string per row."""
 
-    op: Annotated[list[Literal[ALL_OPS]], Field(min_length=1)] | PackedOps = Field(  # type: ignore[valid-type]
+    op: Annotated[list[Literal[ALL_OPS]], Field(min_length=1), FAIL_FAST] | PackedOps = Field(  # type: ignore[valid-type]
         description="one op per row; or packed, as `names` and one code per row",
     )
-    inputs: list[list[int] | PackedRows] = Field(
+    inputs: list[Annotated[list[int], FAIL_FAST] | PackedRows] = Field(
         default_factory=list,
         max_length=3,
         description="one list per operand position, each as long as `op`: inputs[k][i] is the "
         "row of node i's k-th operand, -1 where node i has fewer (leaves: -1 everywhere); "
         "each list may be packed",
     )
-    value: list[Number | None] | PackedValues = Field(
+    value: Annotated[list[Number | None], FAIL_FAST] | PackedValues = Field(
         description="each leaf row's number (input, param, const); null on op rows; packed: "
         "NaN on op rows (a packed leaf may be NaN too)",
     )
-    id: list[NodeId] | None = Field(
+    id: Annotated[list[NodeId], FAIL_FAST] | None = Field(
         None, description='the node ids (default: the row numbers as strings, "0", "1", ...)'
     )
-    attrs: list[ColumnAttrs | None] | None = Field(
+    attrs: Annotated[list[ColumnAttrs | None], FAIL_FAST] | None = Field(
         None, description="each row's op settings, or null (default: none anywhere)"
     )
 
@@ -300,6 +326,7 @@ class ColumnsRequest(RunOptions):
         None, description="upstream gradient at the output (default: 1)"
     )
     report: Layout = "columns"
+    tensors: Tensors = "full"
     encoding: Literal["lists", "packed"] = Field(
         "lists",
         description='how the answer writes `columns.value` and `columns.grad`: "lists" (JSON '
@@ -343,15 +370,17 @@ class GraphBody(
 
 class OutputReport(BaseModel):
     id: str
-    value: Tensor
+    value: Tensor | TensorSummary
     shape: list[int]
 
 
 class NodeReport(BaseModel):
     op: str
     shape: list[int]
-    value: Tensor
-    grad: Tensor | None = Field(None, description="d(output)/d(node); absent for const nodes")
+    value: Tensor | TensorSummary
+    grad: Tensor | TensorSummary | None = Field(
+        None, description="d(output)/d(node); absent for const nodes"
+    )
     role: str | None = Field(
         None, description="with `explain`: how the op routes gradient (CS231n's gate words)"
     )
@@ -460,10 +489,10 @@ class ColumnsReport(BaseModel):
         None, description="the node ids (absent for a columns body without an `id` column)"
     )
     shape: list[list[int]] | None = Field(None, description="only when a node is a tensor")
-    value: list[Tensor] | PackedArray = Field(
+    value: list[Tensor | TensorSummary] | PackedArray = Field(
         description='in row order; with `encoding: "packed"` a float64 `PackedArray`'
     )
-    grad: list[Tensor | None] | PackedArray = Field(
+    grad: list[Tensor | TensorSummary | None] | PackedArray = Field(
         description='d(output)/d(node); null for const rows; with `encoding: "packed"` a '
         "float64 `PackedArray`, NaN on const rows"
     )

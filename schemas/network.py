@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from gradiag.engine.network import ACTIVATION_OPS, BATCHNORM_MODES, DTYPES, INIT_SCALES, LOSS_OPS
-from gradiag.schemas.common import Health, Number, Tensor, Thresholds, WireModel
+from gradiag.schemas.common import (
+    FAIL_FAST,
+    Health,
+    Number,
+    Tensor,
+    Tensors,
+    Thresholds,
+    WireModel,
+)
 from gradiag.schemas.graph import NodeReport
 
 # the engine's names (engine/network.py); the wire lists them, never again by hand
@@ -141,7 +149,7 @@ class RandomBatchSpec(WireModel):
 class BatchSpec(WireModel):
     """Either an explicit batch (`x`, with `y` unless the loss is `sum`) or `random`."""
 
-    x: Annotated[list[Tensor], Field(min_length=1)] | None = Field(
+    x: Annotated[list[Tensor], Field(min_length=1), FAIL_FAST] | None = Field(
         None, description="(N, input_dim) or (N, C, H, W) examples"
     )
     y: Tensor | None = Field(
@@ -168,11 +176,11 @@ class NetworkRequest(WireModel):
     input_shape: Annotated[list[Size], Field(min_length=1, max_length=3)] | None = Field(
         None, description="instead of input_dim: [C, H, W] for images (NCHW)"
     )
-    layers: Annotated[list[LayerSpec], Field(min_length=1)] = Field(
+    layers: Annotated[list[LayerSpec], Field(min_length=1), FAIL_FAST] = Field(
         description="the layers after the input, in order (the input layer is not counted)"
     )
     loss: Loss
-    weights: list[WeightsSpec] | None = Field(
+    weights: Annotated[list[WeightsSpec], FAIL_FAST] | None = Field(
         None, description="explicit parameters per layer (otherwise `init` draws them)"
     )
     init: InitSpec | None = Field(
@@ -186,7 +194,7 @@ class NetworkRequest(WireModel):
         0.0, ge=0.0, allow_inf_nan=False, description="adds 0.5 * l2 * sum(W^2) over every W"
     )
     l2_biases: bool = Field(False, description="the l2 term penalises every b too")
-    include: list[Literal["gradients"]] = Field(
+    include: Annotated[list[Literal["gradients"]], FAIL_FAST] = Field(
         default_factory=list, description='"gradients": add `nodes`, as in /v1/graph'
     )
     explain: bool = Field(
@@ -196,6 +204,7 @@ class NetworkRequest(WireModel):
     )
     dtype: Dtype = "float64"
     thresholds: Thresholds = Thresholds()
+    tensors: Tensors = "full"
 
     @model_validator(mode="after")
     def _one_input(self) -> NetworkRequest:

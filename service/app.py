@@ -27,6 +27,13 @@ def create_app(settings: Settings | None = None, **flask_config: Any) -> Flask:
 
     register_observability(app)
 
+    # one deadline for the whole request; the worker's memory ledger (service/budget.py)
+    from gradiag.service.budget import register_budget
+    from gradiag.service.deadline import register_deadline
+
+    register_deadline(app)
+    register_budget(app)
+
     # bearer token on /v1/* when GRADIAG_API_TOKEN is set; CORS only for configured origins
     from gradiag.service.security import register_security
 

@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
 from typing import Any, get_type_hints
 
 
@@ -18,12 +19,43 @@ class ConfigError(ValueError):
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+WORKER_CLASSES = ("gevent", "sync")
 _ORIGIN = re.compile(r"https?://[^/\s:]+(:[0-9]{1,5})?")
+MIB = 1024 * 1024
+# What a request's deadline does not cover and shutdown must still wait for: the op that
+# crosses the deadline, shaping and sending a bounded answer (docs/hardening.md).
+SHUTDOWN_MARGIN_SECONDS = 5
+# Memory that is not any request's: the gunicorn master, and each worker at rest (measured
+# at ~55 MB and ~50 MB; deploy/README.md).
+MASTER_MEMORY = 64 * MIB
+IDLE_WORKER_MEMORY = 64 * MIB
+SMALLEST_REQUEST_MEMORY = 64 * MIB
 
 
 def available_cpus() -> int:
     """CPUs this process may run on (a container's cpuset, not the host's count)."""
     return len(os.sched_getaffinity(0)) or 1
+
+
+def memory_limit() -> int:
+    """Bytes this process may use: its cgroup's limit (v2, then v1) inside a container, else
+    the machine's RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) is no limit; v1 writes a huge number instead
+            return min(int(text), ram)
+    return ram
+
+
+def request_memory(limit: int, workers: int) -> int:
+    """The peak one request may reach: what is left of `limit` after the master and the
+    idle workers, split between the workers (each runs one request at a time)."""
+    share = (limit - MASTER_MEMORY) // workers - IDLE_WORKER_MEMORY
+    return max(share, SMALLEST_REQUEST_MEMORY)
 
 
 def origin_problem(origin: str) -> str | None:
@@ -45,23 +77,57 @@ class Settings:
     max_layers: int = 64
     max_units: int = 16_384
     max_batch: int = 65_536
-    # wall-clock seconds of engine work per request (forward, backward, gradcheck); over it:
-    # a 422 naming time_budget_seconds. Keep it below `timeout`, gunicorn's worker-kill backstop
+    # wall-clock seconds one request may take once its headers are in: body, parse, engine,
+    # report, picture, all against one deadline; over it a 422 naming time_budget_seconds.
+    # Start-up refuses a graceful_timeout or timeout that would not cover it (`check`).
     time_budget_seconds: int = 20
+    # answers and memory, estimated from the shapes before any compute (service/budget.py)
+    max_response_bytes: int = 64 * MIB
+    # 0: found at start (`resolve_memory`): the container's limit, else the machine's RAM
+    memory_limit_bytes: int = 0
+    # 0: found at start: (memory_limit_bytes - master) / workers - an idle worker
+    max_request_memory_bytes: int = 0
     # the HTTP server (read by service/gunicorn_conf.py)
     host: str = "127.0.0.1"
     port: int = field(default=8000, metadata={"max": 65_535, "fallback": ("PORT",)})
     workers: int = field(default_factory=available_cpus)
+    # gevent: a worker reads requests and writes answers without being held by the client
+    # (slow clients, docs/hardening.md); sync only behind a proxy that buffers both
+    worker_class: str = field(default="gevent", metadata={"choices": WORKER_CLASSES})
+    worker_connections: int = 1000  # open connections per gevent worker
+    header_timeout: int = 5  # request line and headers (and an idle keep-alive connection)
+    body_timeout: int = 15  # the whole request body; over it a 408
+    send_timeout: int = 30  # the client takes the whole answer within this, or is dropped
     timeout: int = 120
-    graceful_timeout: int = 20
+    graceful_timeout: int = 30
     log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
     # read and checked here for the features that use them (auth, CORS)
     api_token: str | None = field(default=None, repr=False, metadata={"secret": True})
     cors_origins: tuple[str, ...] = field(default=(), metadata={"check": origin_problem})
 
+    def __post_init__(self) -> None:
+        """Fill in the memory limits left at 0 (auto); the fields stay plain ints."""
+        if not self.memory_limit_bytes:
+            object.__setattr__(self, "memory_limit_bytes", memory_limit())
+        if not self.max_request_memory_bytes:
+            share = request_memory(self.memory_limit_bytes, self.workers)
+            object.__setattr__(self, "max_request_memory_bytes", share)
+
     def deadline(self) -> float:
-        """The `time.monotonic()` value a request started now must finish its engine work by."""
+        """The `time.monotonic()` value a request started now must be answered by."""
         return time.monotonic() + self.time_budget_seconds
+
+    def check(self) -> None:
+        """Settings that only make sense together: shutdown, and gunicorn's worker-kill
+        backstop, must outlast the longest request the time budget allows."""
+        longest = self.time_budget_seconds + SHUTDOWN_MARGIN_SECONDS
+        for name in ("graceful_timeout", "timeout"):
+            if getattr(self, name) < longest:
+                raise ConfigError(
+                    f"GRADIAG_{name.upper()}={getattr(self, name)} must be at least "
+                    f"GRADIAG_TIME_BUDGET_SECONDS + {SHUTDOWN_MARGIN_SECONDS} = {longest}, so "
+                    "that the longest request can finish"
+                )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -80,7 +146,9 @@ class Settings:
             except ValueError as err:
                 shown = "(hidden)" if f.metadata.get("secret") else repr(raw)
                 raise ConfigError(f"{name}={shown} {err}") from None
-        return cls(**values)
+        settings = cls(**values)
+        settings.check()
+        return settings
 
 
 def _int(raw: str, f: Field[Any]) -> int:

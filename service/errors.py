@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any, Union, get_args, get_origin
 
 import orjson
@@ -14,6 +16,7 @@ from typing_extensions import TypeAliasType
 from werkzeug.exceptions import HTTPException
 
 from gradiag.engine import EngineError, LimitError
+from gradiag.schemas.common import ID_MESSAGE, ID_PATTERN
 from gradiag.schemas.graph import (
     ALL_OPS,
     BODY_TAGS,
@@ -22,16 +25,19 @@ from gradiag.schemas.graph import (
     GraphRequest,
 )
 from gradiag.schemas.network import LAYER_TYPES, NetworkRequest
+from gradiag.service.text import clip, clip_loc
 
 log = logging.getLogger("gradiag")
 
 PROBLEM_TYPES = {
     400: "urn:gradiag:problem:malformed-json",
     401: "urn:gradiag:problem:unauthorized",
+    408: "urn:gradiag:problem:request-timeout",
     413: "urn:gradiag:problem:too-large",
     415: "urn:gradiag:problem:unsupported-media-type",
     422: "urn:gradiag:problem:invalid-body",
     500: "urn:gradiag:problem:internal",
+    503: "urn:gradiag:problem:busy",
 }
 
 
@@ -68,41 +74,71 @@ def problem_response(
     return response
 
 
+MAX_ERRORS = 100  # listed in an answer; `error_count` says how many there were
+MAX_MESSAGE = 300  # characters of one message (Pydantic's may quote a client's value)
+
+
 def validation_problem(err: ValidationError, body: bytes) -> ProblemError:
     """Pydantic's errors with clean paths, each naming the node at fault where there is one.
 
     Errors of one field from the branches of a union are said once; an error whose path is
     a strict prefix of another's (a tensor that is not a number because an element deep in
-    it is not one) gives way to the deeper one."""
+    it is not one) gives way to the deeper one. Linear in the errors (the wire models stop
+    each list at its first bad item, so there are few); at most MAX_ERRORS are listed."""
     raw = err.errors(include_url=False, include_context=True, include_input=False)
     if any(e["type"] == "json_invalid" for e in raw):
-        return ProblemError(400, "Malformed JSON", raw[0]["msg"])
-    nodes = _node_ids(body)
+        return ProblemError(400, "Malformed JSON", clip(raw[0]["msg"], MAX_MESSAGE))
     items: dict[tuple[Any, ...], dict[str, Any]] = {}
     for e in raw:
         loc = clean_loc(e["loc"], tag_field=_tag_field(e))
-        if loc in items:  # one field failed each branch of its union: say it once
-            item = items[loc]
-            if _is_tensor(e["loc"]):
-                item["msg"] = TENSOR_MESSAGE
-            elif e["msg"] not in item["msg"]:
-                item["msg"] += f"; or: {e['msg']}"
-            continue
-        item = {"loc": list(loc), "msg": TENSOR_MESSAGE if _is_tensor(e["loc"]) else e["msg"]}
-        if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
-            item["node"] = nodes.get(loc[1])
-        items[loc] = item
-    deepest = [
-        item
-        for loc, item in items.items()
-        if not any(len(other) > len(loc) and other[: len(loc)] == loc for other in items)
-    ]
-    first = deepest[0]
+        message = _message(e)
+        item = items.get(loc)
+        if item is None:
+            items[loc] = {"loc": clip_loc(list(loc)), "msg": message}
+        elif message not in item["msg"]:  # one field failed each branch of its union
+            item["msg"] = message if message == TENSOR_MESSAGE else f"{item['msg']}; or: {message}"
+    prefixes = {loc[:k] for loc in items for k in range(len(loc))}
+    deepest = [item for loc, item in items.items() if loc not in prefixes]
+    listed = deepest[:MAX_ERRORS]
+    _name_nodes(listed, body)
+    first = listed[0]
     where = ".".join(str(p) for p in first["loc"]) or "body"
     node = f" (node {first['node']!r})" if first.get("node") else ""
     return ProblemError(
-        422, "Invalid request body", f"{where}{node}: {first['msg']}", errors=deepest
+        422,
+        "Invalid request body",
+        f"{where}{node}: {first['msg']}",
+        errors=listed,
+        error_count=len(deepest) if len(deepest) > len(listed) else None,
     )
+
+
+def _name_nodes(items: list[dict[str, Any]], body: bytes) -> None:
+    """`node`: the id of the node an error is in (clipped), for errors under `nodes`."""
+    if not any(_node_index(item) is not None for item in items):
+        return
+    nodes = _node_ids(body, {i for i in map(_node_index, items) if i is not None})
+    for item in items:
+        index = _node_index(item)
+        if index is not None and index in nodes:
+            item["node"] = clip(nodes[index])
+
+
+def _node_index(item: dict[str, Any]) -> int | None:
+    loc = item["loc"]
+    if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
+        return int(loc[1])
+    return None
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    """What to say about one of Pydantic's errors: its own message, clipped, except for a
+    tensor element and an id's characters, which have plainer words."""
+    if _is_tensor(error["loc"]):
+        return TENSOR_MESSAGE
+    if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] == ID_PATTERN:
+        return ID_MESSAGE
+    return clip(error["msg"], MAX_MESSAGE)
 
 
 TENSOR_MESSAGE = 'must be a number, "NaN", "Infinity", "-Infinity" or a nested list of them'
@@ -201,20 +237,58 @@ def _union_field(path: list[Any]) -> str | None:
     return path[-1] if path and isinstance(path[-1], str) else None
 
 
-def _node_ids(body: bytes) -> Mapping[int, str]:
-    """The ids of the request's nodes, by position, read only on the error path."""
+def _node_ids(body: bytes, wanted: Collection[int]) -> Mapping[int, str]:
+    """The ids of the nodes at the `wanted` positions, read only on the error path and only
+    as far as needed: the body is walked member by member and `nodes` item by item up to
+    the last wanted one (lists stop at their first bad item, so it is usually near the
+    front), and a node's members only up to its `id` (its tensor is not decoded)."""
+    last = max(wanted)
+    ids: dict[int, str] = {}
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    nodes = doc.get("nodes") if isinstance(doc, dict) else None
-    if not isinstance(nodes, list):
-        return {}
-    return {
-        k: n["id"]
-        for k, n in enumerate(nodes)
-        if isinstance(n, dict) and isinstance(n.get("id"), str)
-    }
+        text = body.decode()
+        nodes = next(i for key, i in _members(text, 0) if key == "nodes")
+        for k, start in enumerate(_items(text, nodes)):
+            if k in wanted and text[start] == "{":
+                at = next((i for key, i in _members(text, start) if key == "id"), None)
+                node_id = None if at is None else _DECODER.raw_decode(text, at)[0]
+                if isinstance(node_id, str):
+                    ids[k] = node_id
+            if k >= last:
+                break
+    except (ValueError, IndexError, StopIteration, RecursionError):  # not the shape looked for
+        pass
+    return ids
+
+
+_DECODER = json.JSONDecoder()
+_BLANK = re.compile(r"[ \t\n\r]*")
+
+
+def _members(text: str, i: int) -> Iterator[tuple[str, int]]:
+    """(key, where its value starts) for each member of the object at `i`; a value is
+    decoded (to be skipped) only when the caller asks for the next member."""
+    i = _skip(text, i, "{")
+    while text[i] != "}":
+        key, i = _DECODER.raw_decode(text, i)
+        i = _skip(text, i, ":")
+        yield key, i
+        i = _skip(text, _DECODER.raw_decode(text, i)[1], ",")
+
+
+def _items(text: str, i: int) -> Iterator[int]:
+    """Where each item of the array at `i` starts, skipped the same way."""
+    i = _skip(text, i, "[")
+    while text[i] != "]":
+        yield i
+        i = _skip(text, _DECODER.raw_decode(text, i)[1], ",")
+
+
+def _skip(text: str, i: int, token: str) -> int:
+    """Past blanks, then past `token` and blanks when it is next."""
+    i = _BLANK.match(text, i).end()  # type: ignore[union-attr]
+    if text.startswith(token, i):
+        i = _BLANK.match(text, i + len(token)).end()  # type: ignore[union-attr]
+    return i
 
 
 def engine_problem(err: EngineError) -> ProblemError:

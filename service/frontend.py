@@ -5,6 +5,7 @@ backward, diagnostics, and the gradient check when asked."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from operator import itemgetter, methodcaller
@@ -146,8 +147,11 @@ def diagnose(
     *,
     max_expression_chars: int,
     deadline: float | None = None,
+    budget: Callable[[Program], None] | None = None,
 ) -> Diagnosed:
     program = body_program(body, limits, max_expression_chars=max_expression_chars)
+    if budget is not None:  # the answer and memory, from the shapes (service/budget.py)
+        budget(program)
     output_grad = None if body.output_grad is None else to_array(body.output_grad, ("output_grad",))
     result = run(program, output_grad, deadline=deadline)
     diagnostics = graph_diagnostics(

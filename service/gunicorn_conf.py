@@ -2,8 +2,9 @@
 stray ./gunicorn.conf.py in the working directory is never picked up.
 
 Every value comes from service.config.Settings (GRADIAG_HOST, GRADIAG_PORT or PORT,
-GRADIAG_WORKERS, GRADIAG_TIMEOUT, GRADIAG_GRACEFUL_TIMEOUT, GRADIAG_LOG_LEVEL; see
-docs/configuration.md), so a bad value stops gunicorn at start with a message naming it.
+GRADIAG_WORKERS, GRADIAG_WORKER_CLASS, GRADIAG_HEADER_TIMEOUT, GRADIAG_TIMEOUT,
+GRADIAG_GRACEFUL_TIMEOUT, GRADIAG_LOG_LEVEL, ...; see docs/configuration.md), so a bad value
+stops gunicorn at start with a message naming it.
 """
 
 import os
@@ -25,6 +26,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 from gradiag.service.config import ConfigError, Settings  # noqa: E402  (after the variables above)
 from gradiag.service.memory import retain_freed_memory  # noqa: E402
+from gradiag.service.metrics_files import archive_dead_worker, clear  # noqa: E402
 
 # Set in the master, inherited by every forked worker: a request reuses the pages the one
 # before it freed instead of page-faulting them in again (service/memory.py).
@@ -39,13 +41,20 @@ except ConfigError as _err:
     sys.exit(2)
 
 bind = [f"{settings.host}:{settings.port}"]
-# The work is CPU-bound NumPy: one sync worker per available CPU by default.
+# The work is CPU-bound NumPy: one worker per available CPU by default. gevent workers read
+# requests and write answers in greenlets, so idle or slow clients hold no worker; one
+# request computes at a time per worker as before (service/worker.py, docs/hardening.md).
 workers = settings.workers
-worker_class = "sync"
+worker_class = (
+    "gradiag.service.worker.GeventWorker" if settings.worker_class == "gevent" else "sync"
+)
+worker_connections = settings.worker_connections
+# gevent: the request line and headers must arrive within this (also the idle keep-alive)
+keepalive = settings.header_timeout
 # A backstop only: the service bounds work itself; a timeout kill answers a bare 500.
 timeout = settings.timeout
-# SIGTERM lets in-flight requests finish for this long (keep preStop + this below the
-# pod's terminationGracePeriodSeconds).
+# SIGTERM lets in-flight requests finish for this long: at least the time budget + 5 s
+# (Settings.check), and keep preStop + this below the pod's terminationGracePeriodSeconds.
 graceful_timeout = settings.graceful_timeout
 # Recycle workers now and then, not all at once, so a slow leak cannot grow forever. Not
 # often: a new worker imports the app (~0.9 s of CPU), and at 2000 requests a small-request
@@ -59,24 +68,51 @@ accesslog = None
 errorlog = "-"
 loglevel = settings.log_level
 control_socket_disable = True
+# gunicorn's own lines stay plain text on stderr, but a traceback never shows an exception's
+# message (it may quote a request's values): service/observability.py's SafeTextFormatter.
+logconfig_dict = {
+    "root": {"level": "WARNING", "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {
+            "level": settings.log_level.upper(),
+            "handlers": ["error_console"],
+            "propagate": False,
+            "qualname": "gunicorn.error",
+        },
+        "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
+    },
+    "formatters": {
+        "generic": {
+            "()": "gradiag.service.observability.SafeTextFormatter",
+            "format": "%(asctime)s [%(process)d] [%(levelname)s] %(message)s",
+            "datefmt": "[%Y-%m-%d %H:%M:%S %z]",
+        }
+    },
+}
 
 
 def on_starting(server: Any) -> None:
-    """Empty the metrics directory, so counts of an earlier run do not leak into this one."""
+    """Empty the metrics directory, so counts of an earlier run do not leak into this one.
+    One that cannot be used degrades /metrics (said in the log), never the service."""
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    os.makedirs(path, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise SystemExit(f"gradiag: PROMETHEUS_MULTIPROC_DIR={path!r} is not writable")
-    for name in os.listdir(path):
-        if name.endswith(".db"):
-            os.remove(os.path.join(path, name))
+    try:
+        os.makedirs(path, exist_ok=True)
+        clear(path)
+    except OSError as err:
+        server.log.warning("metrics degraded: PROMETHEUS_MULTIPROC_DIR=%r: %s", path, err)
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """A worker is gone (recycled, crashed, stopped): drop its live gauge files."""
+    """A worker is gone (recycled, crashed, stopped): drop its live gauge files and fold
+    its counters into the archive, so recycling never grows the directory."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    try:
+        multiprocess.mark_process_dead(worker.pid)
+        archive_dead_worker(path, worker.pid)
+    except OSError as err:  # a full directory: the gone worker's files stay as they are
+        server.log.warning("metrics degraded: cannot fold worker %s's metrics: %s", worker.pid, err)
 
 
 def on_exit(server: Any) -> None:

@@ -5,12 +5,13 @@ the report is shaped from that one run."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app, g
 
-from gradiag.engine import EngineError, LimitError, Result, run
+from gradiag.engine import EngineError, LimitError, Program, Result, run
 from gradiag.engine.network import (
     Batch,
     BatchNorm,
@@ -41,7 +42,9 @@ from gradiag.schemas.network import (
     PoolLayer,
 )
 from gradiag.service.body import parse_body
+from gradiag.service.budget import AnswerPlan, budget_check
 from gradiag.service.config import Settings
+from gradiag.service.deadline import check_request_deadline, request_deadline
 from gradiag.service.errors import ProblemError, engine_problem
 from gradiag.service.frontend import engine_limits, engine_thresholds
 from gradiag.service.metrics import ReportSummary
@@ -119,28 +122,42 @@ class DiagnosedNetwork:
 
 
 def diagnose_network(
-    request: NetworkRequest, limits: NetworkLimits, deadline: float | None = None
+    request: NetworkRequest,
+    limits: NetworkLimits,
+    deadline: float | None = None,
+    budget: Callable[[Program], None] | None = None,
 ) -> DiagnosedNetwork:
     """Check, compile (the limits: nothing drawn yet), draw the leaves, run once, read the
     health."""
     spec = network_spec(request)
     check_network(spec)
     program = compile_network(spec, limits, gradients="gradients" in request.include)
+    if budget is not None:  # the answer and memory, from the shapes (service/budget.py)
+        budget(program)
     result = run(with_leaves(program, leaf_values(spec)), deadline=deadline)
     diagnostics = network_diagnostics(result, spec, engine_thresholds(request.thresholds))
     return DiagnosedNetwork(spec, result, diagnostics)
 
 
-def network_report_of_request() -> dict[str, Any]:
-    """The /v1/network report of this request's body (for the JSON and SVG views alike)."""
+def network_report_of_request(*, picture: bool = False) -> dict[str, Any]:
+    """The /v1/network report of this request's body (for the JSON and SVG views alike; a
+    picture draws the layers, never `nodes`)."""
     request = parse_body(NetworkRequest)
     settings = current_app.config["GRADIAG"]
+    gradients = "gradients" in request.include and not picture
+    plan = AnswerPlan(
+        request.tensors, nodes=gradients, explain=request.explain, body_bytes=g.body_bytes
+    )
+    budget = budget_check(plan, field="include")
     try:
-        done = diagnose_network(request, network_limits(settings), settings.deadline())
+        done = diagnose_network(request, network_limits(settings), request_deadline(), budget)
     except EngineError as err:
         raise network_problem(err) from None
+    check_request_deadline()
     g.report_summary = report_summary(done)
-    return network_report(done, gradients="gradients" in request.include, explain=request.explain)
+    return network_report(
+        done, gradients=gradients, explain=request.explain, tensors=request.tensors
+    )
 
 
 def network_problem(err: EngineError) -> ProblemError:
@@ -151,7 +168,7 @@ def network_problem(err: EngineError) -> ProblemError:
 
 
 def network_report(
-    done: DiagnosedNetwork, *, gradients: bool, explain: bool = False
+    done: DiagnosedNetwork, *, gradients: bool, explain: bool = False, tensors: str = "full"
 ) -> dict[str, Any]:
     d, spec = done.diagnostics, done.spec
     report: dict[str, Any] = {
@@ -176,7 +193,7 @@ def network_report(
         "health": health(d.findings, d.status),
     }
     if gradients:
-        report["nodes"] = node_reports(done.result, explain=explain)
+        report["nodes"] = node_reports(done.result, explain=explain, tensors=tensors)
     return report
 
 

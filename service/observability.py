@@ -10,7 +10,10 @@
 - the same hook feeds service.metrics (the only place that records metrics).
 
 Every `gradiag*` logger writes JSON lines to stdout; a line logged inside a request carries
-its request id.
+its request id. A logged exception shows where it happened (frames and exception types) but
+never its message: messages may quote request values (a Pydantic error lists the body's
+values), and nothing of a body may reach a log. gunicorn's own lines use the same rule
+(`SafeTextFormatter`, service/gunicorn_conf.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -27,10 +31,12 @@ from flask import Flask, Response, g, has_request_context, request
 
 from gradiag.service.metrics import (
     ReportSummary,
+    method_label,
     metrics_blueprint,
     observe_report,
     observe_request,
 )
+from gradiag.service.text import clip
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID = 128
@@ -50,6 +56,28 @@ def request_id() -> str | None:
     return g.get("request_id") if has_request_context() else None
 
 
+def safe_traceback(exc_info: Any) -> str:
+    """A traceback with every frame and exception type of the chain, and no exception
+    message (`KeyError: (message withheld)`)."""
+    _, value, _ = exc_info
+    blocks: list[str] = []
+    seen: set[int] = set()
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        frames = "".join(traceback.format_tb(value.__traceback__))
+        name = type(value).__qualname__
+        blocks.append(f"Traceback (most recent call last):\n{frames}{name}: (message withheld)")
+        value = value.__cause__ or (None if value.__suppress_context__ else value.__context__)
+    return "\n\nwhile handling:\n".join(reversed(blocks))
+
+
+class SafeTextFormatter(logging.Formatter):
+    """gunicorn's plain text lines, with tracebacks as `safe_traceback` writes them."""
+
+    def formatException(self, ei: Any) -> str:
+        return safe_traceback(ei)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line. A dict message is merged in; text becomes `message`."""
 
@@ -67,7 +95,7 @@ class JsonFormatter(logging.Formatter):
         else:
             line["message"] = record.getMessage()
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            line["exception"] = safe_traceback(record.exc_info)
         return orjson.dumps(line, default=str).decode()
 
 
@@ -109,16 +137,17 @@ def _finish(response: Response) -> Response:
     rid = state.get("request_id") or str(uuid.uuid4())
     response.headers[REQUEST_ID_HEADER] = rid
     endpoint = req.url_rule.rule if req.url_rule is not None else "unmatched"
+    method = method_label(req.method)  # a label and a log field: only known values
     body_bytes = state.body_bytes if "body_bytes" in state else req.content_length
     summary: ReportSummary | None = state.get("report_summary")
     status = response.status_code
-    observe_request(req.method, endpoint, status, seconds, body_bytes)
+    observe_request(method, endpoint, status, seconds, body_bytes)
     if summary is not None:
         observe_report(**summary._asdict())
     line: dict[str, Any] = {
         "event": "request",
-        "method": req.method,
-        "path": req.path,
+        "method": method,
+        "path": clip(req.path),
         "route": endpoint,
         "status": status,
         "duration_ms": round(seconds * 1000, 3),

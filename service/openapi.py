@@ -26,12 +26,15 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
 _ERRORS = {
     "400": "Malformed JSON",
     "401": "Missing or wrong bearer token (only when GRADIAG_API_TOKEN is set; docs/hardening.md)",
+    "408": "The body did not arrive within GRADIAG_BODY_TIMEOUT",
     "413": "Body over the size limit",
     "415": "Not application/json",
     "422": "Valid JSON but not a valid graph (the errors point at the field or node), or over "
-    "a limit (`limit`, `limit_value`: the size limits and the time budget)",
+    "a limit (`limit`, `limit_value`: the size limits, the answer and memory limits, the time "
+    "budget)",
+    "503": "The worker's memory is held by answers still being sent; retry after `Retry-After`",
 }
-_API_ERRORS = ["400", "401", "413", "415", "422"]
+_API_ERRORS = ["400", "401", "408", "413", "415", "422", "503"]
 # The token is optional: `{}` is the alternative "no security" (GRADIAG_API_TOKEN unset).
 _API_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
 

@@ -14,6 +14,7 @@ from gradiag.engine.explain import explain_leaves, local_grads
 from gradiag.engine.gradcheck import GradcheckResult
 from gradiag.engine.tensors import to_wire
 from gradiag.service.packed import pack_floats
+from gradiag.service.summary import scalar_writer, summary_value, tensor_writer
 
 
 def health(findings: list[Finding], status: str) -> dict[str, Any]:
@@ -36,7 +37,9 @@ def finding_report(finding: Finding) -> dict[str, Any]:
 _ABSENT = object()  # a row without a gradient: no `grad` key (None would be `null`)
 
 
-def node_reports(result: Result, *, explain: bool = False) -> dict[str, dict[str, Any]]:
+def node_reports(
+    result: Result, *, explain: bool = False, tensors: str = "full"
+) -> dict[str, dict[str, Any]]:
     """Every node keyed by id, in the program's order: `op`, `shape`, `value`, `grad` (not
     for a const or a `no_grad` node); with `explain`, also `role`, `inputs` (op nodes) and
     `local_grad` (scalar op nodes). Each field is made for all rows at once (NumPy, C-level
@@ -48,8 +51,8 @@ def node_reports(result: Result, *, explain: bool = False) -> dict[str, dict[str
         ids,
         ops,
         [list(shape) for shape in program.shapes],
-        _wire_rows(result, gradients=False),
-        _wire_rows(result, gradients=True),
+        _wire_rows(result, gradients=False, tensors=tensors),
+        _wire_rows(result, gradients=True, tensors=tensors),
     ]
     if not explain:
         nodes: dict[str, dict[str, Any]] = {}
@@ -75,10 +78,11 @@ def node_reports(result: Result, *, explain: bool = False) -> dict[str, dict[str
     return nodes
 
 
-def _wire_rows(result: Result, *, gradients: bool) -> list[Any]:
+def _wire_rows(result: Result, *, gradients: bool, tensors: str = "full") -> list[Any]:
     """Every row's value (or gradient) as wire numbers: the scalar rows in one NumPy call
-    (only non-finite ones looked at again), each tensor row by `to_wire`. With `gradients`,
-    a row without one is `_ABSENT` and an unreached tensor row is zeros."""
+    (only non-finite ones looked at again), each tensor row on its own, as the `tensors`
+    mode writes it (service/summary.py). With `gradients`, a row without one is `_ABSENT`
+    and an unreached tensor row is zeros."""
     program = result.program
     slots = result.grads if gradients else result.values
     flat = result.scalar_grads if gradients else result.scalar_values
@@ -89,9 +93,13 @@ def _wire_rows(result: Result, *, gradients: bool) -> list[Any]:
         wire = flat.tolist()
         for i in bad.tolist():
             wire[i] = to_wire(wire[i])
+    write_scalar = scalar_writer(tensors)
+    if write_scalar is not None:
+        wire = list(map(write_scalar, wire))
+    write_tensor = tensor_writer(tensors)
     for i in result.values.tensors:  # every tensor row has a value; an unreached one no grad
         tensor = slots.tensors.get(i)
-        wire[i] = to_wire(np.zeros(program.shapes[i]) if tensor is None else tensor)
+        wire[i] = write_tensor(np.zeros(program.shapes[i]) if tensor is None else tensor)
     if gradients:
         for i in _gradless_rows(result):
             wire[i] = _ABSENT
@@ -144,7 +152,9 @@ def _not_wire_ready(local: dict[int, dict[str, float]]) -> list[int]:
     return [keys[k] for k in owners.tolist()]
 
 
-def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[str, Any]:
+def columns_report(
+    result: Result, *, ids: bool, packed: bool = False, tensors: str = "full"
+) -> dict[str, Any]:
     """Every node as columns, row i for node i in the program's order (a columns body's own
     row order): `value`, `grad` (null for consts), `id` when asked, `shape` when a node is a
     tensor. A 100k-node scalar graph is two lists of floats, not 100k objects; `packed`:
@@ -165,8 +175,8 @@ def columns_report(result: Result, *, ids: bool, packed: bool = False) -> dict[s
         return report
     if any(program.shapes):  # tensors: one nested list per node (a shape () is falsy)
         report["shape"] = [list(shape) for shape in program.shapes]
-    report["value"] = _wire_rows(result, gradients=False)
-    grads_wire = _wire_rows(result, gradients=True)
+    report["value"] = _wire_rows(result, gradients=False, tensors=tensors)
+    grads_wire = _wire_rows(result, gradients=True, tensors=tensors)
     for i in gradless:
         grads_wire[i] = None
     report["grad"] = grads_wire
@@ -182,6 +192,7 @@ def graph_report(
     layout: str = "nodes",
     column_ids: bool = True,
     encoding: str = "lists",
+    tensors: str = "full",
 ) -> dict[str, Any]:
     """The /v1/graph answer; `layout` "columns" puts `columns` where `nodes` would be,
     `encoding` "packed" writes its value and grad as base64 float64 arrays."""
@@ -191,13 +202,17 @@ def graph_report(
     report: dict[str, Any] = {
         "output": {
             "id": program.node_id(out),
-            "value": to_wire(result.value(out)),
+            "value": summary_value(result.value(out), tensors),
             "shape": list(program.shapes[out]),
         },
         **(
-            {"columns": columns_report(result, ids=column_ids, packed=encoding == "packed")}
+            {
+                "columns": columns_report(
+                    result, ids=column_ids, packed=encoding == "packed", tensors=tensors
+                )
+            }
             if layout == "columns"
-            else {"nodes": node_reports(result, explain=explain)}
+            else {"nodes": node_reports(result, explain=explain, tensors=tensors)}
         ),
         "parameters": {
             "tensors": diagnostics.parameter_tensors,

@@ -20,8 +20,10 @@ from gradiag.engine import (
     run,
 )
 from gradiag.engine.ops import Attr
-from gradiag.schemas.graph import ColumnsRequest, GraphBody
+from gradiag.schemas.graph import ColumnsRequest, GraphBody, GraphRequest
 from gradiag.service.body import parse_body
+from gradiag.service.budget import AnswerPlan, budget_check, check_answer
+from gradiag.service.deadline import check_request_deadline, request_deadline
 from gradiag.service.errors import engine_problem
 from gradiag.service.frontend import diagnose, engine_limits
 from gradiag.service.metrics import ReportSummary
@@ -43,20 +45,36 @@ def svg_response(svg: str) -> Response:
 
 def graph_report_of_request(*, picture: bool = False) -> dict[str, Any]:
     """The /v1/graph report of this request's body, for the JSON and the SVG views alike
-    (the `picture` needs `nodes` with their edges: `explain`). A graph (`nodes`), an
-    expression (`expression`) or a table (`columns`); service.frontend tells them apart."""
-    parsed = parse_body(GraphBody, first=(b'"columns"', ColumnsRequest))
+    (a picture needs `nodes` with their edges, `explain`, and tensors summarised:
+    service.summary). A graph (`nodes`), an expression (`expression`) or a table
+    (`columns`); service.frontend tells them apart. The answer's size and the memory are
+    checked from the shapes before the engine runs."""
+    parsed = parse_body(
+        GraphBody,
+        first=(b'"columns"', ColumnsRequest),
+        unless=((b'"expression"', b'"columns"'), GraphRequest),
+    )
     body = parsed.root if isinstance(parsed, GraphBody) else parsed
     settings = current_app.config["GRADIAG"]
+    tensors = "picture" if picture else body.tensors
+    plan = AnswerPlan(
+        tensors,
+        columns=body.report == "columns" and not picture,
+        gradcheck=body.gradcheck is not False,
+        explain=body.explain or picture,
+        body_bytes=g.body_bytes,
+    )
     try:
         done = diagnose(
             body,
             engine_limits(settings),
             max_expression_chars=settings.max_expression_chars,
-            deadline=settings.deadline(),
+            deadline=request_deadline(),
+            budget=budget_check(plan),
         )
     except EngineError as err:
         raise engine_problem(err) from None
+    check_request_deadline()  # the report, then the picture, are inside the budget too
     g.report_summary = ReportSummary.of_graph(len(done.result.program), done.diagnostics)
     return graph_report(
         done.result,
@@ -66,7 +84,21 @@ def graph_report_of_request(*, picture: bool = False) -> dict[str, Any]:
         layout="nodes" if picture else body.report,
         column_ids=not isinstance(body, ColumnsRequest) or body.columns.id is not None,
         encoding=body.encoding if isinstance(body, ColumnsRequest) else "lists",
+        tensors=tensors,
     )
+
+
+def report_response(report: dict[str, Any]) -> Response:
+    """A report as JSON, its length checked once more (findings depend on the values)."""
+    encoded = orjson.dumps(report)
+    check_answer(encoded, current_app.config["GRADIAG"])
+    return Response(encoded, mimetype="application/json")
+
+
+def picture_response(draw: Any, report: dict[str, Any], *args: Any) -> Response:
+    """An SVG answer, drawn inside the request's deadline (dot's timeout too)."""
+    check_request_deadline()
+    return svg_response(draw(report, *args, deadline=request_deadline()))
 
 
 @contextmanager
@@ -86,29 +118,29 @@ def paused_gc() -> Iterator[None]:
 @api.post("/v1/graph")
 def post_graph() -> Response:
     with paused_gc():
-        return json_response(graph_report_of_request())
+        return report_response(graph_report_of_request())
 
 
 @api.post("/v1/graph.svg")
 def post_graph_svg() -> Response:
     """The same body and errors as POST /v1/graph; the answer is the picture."""
     with paused_gc():
-        return svg_response(graph_svg(graph_report_of_request(picture=True)))
+        return picture_response(graph_svg, graph_report_of_request(picture=True))
 
 
 @api.post("/v1/network")
 def post_network() -> Response:
     """A fully-connected network, lowered to a graph and run once (service.network)."""
     with paused_gc():
-        return json_response(network_report_of_request())
+        return report_response(network_report_of_request())
 
 
 @api.post("/v1/network.svg")
 def post_network_svg() -> Response:
     """The same body and errors as POST /v1/network; the answer is the layer chain."""
     with paused_gc():
-        report = network_report_of_request()
-        return svg_response(network_svg(report, report["input_dim"]))
+        report = network_report_of_request(picture=True)
+        return picture_response(network_svg, report, report["input_dim"])
 
 
 @api.get("/v1/ops")

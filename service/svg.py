@@ -22,8 +22,10 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 import shutil
 import subprocess
+import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +130,15 @@ class Layout:
 
 _NONFINITE = {"NaN": "NaN", "Infinity": "∞", "-Infinity": "-∞"}
 
+# Characters XML 1.0 cannot hold at all, not even as character references. Ids are refused
+# with them at validation (schemas.common.NodeId); this keeps the picture well-formed XML
+# whatever text reaches it, by writing each as a visible \uXXXX.
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(text: str) -> str:
+    return _XML_ILLEGAL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
 
 def fmt_number(value: Any) -> str:
     if isinstance(value, str):
@@ -150,9 +161,17 @@ def _flatten(wire: Any) -> Iterator[Any]:
 
 
 def fmt_tensor(wire: Any, shape: Sequence[int]) -> str:
-    """A scalar as a number; up to 3 elements of a vector listed; else shape and 2-norm."""
+    """A scalar as a number; up to 3 elements of a vector listed; else shape and 2-norm (a
+    summary, `{"shape", ..., "norm"}`, brings its norm: service.summary)."""
     if wire is None:
         return ""
+    dims = "×".join(str(d) for d in shape)
+    if isinstance(wire, Mapping):
+        return (
+            f"[{dims}] ‖·‖={fmt_number(wire.get('norm'))}"
+            if shape
+            else fmt_number(wire.get("mean"))
+        )
     if not shape:
         return fmt_number(wire)
     flat = list(_flatten(wire))
@@ -163,7 +182,6 @@ def fmt_tensor(wire: Any, shape: Sequence[int]) -> str:
         norm = "NaN" if "NaN" in flat else "Infinity"
     else:
         norm = math.sqrt(math.fsum(float(x) * float(x) for x in flat))
-    dims = "×".join(str(d) for d in shape)
     return f"[{dims}] ‖·‖={fmt_number(norm)}"
 
 
@@ -379,7 +397,7 @@ def dot_source(drawing: Drawing) -> str:
     ]
     for box in drawing.boxes:
         width, height = box.size
-        label = dot_string("\n".join(box.lines))
+        label = dot_string("\n".join(map(xml_safe, box.lines)))
         shape = ", shape=point" if box.point else ""
         lines.append(
             f"  {box.key} [label={label}, width={width / inch:.3f}, "
@@ -398,23 +416,31 @@ def dot_string(text: str) -> str:
     return f'"{escaped}"'
 
 
-def layout(drawing: Drawing) -> Layout:
-    """`dot` when installed and working, else grandalf's Sugiyama layout."""
+def layout(drawing: Drawing, deadline: float | None = None) -> Layout:
+    """`dot` when installed and working, else grandalf's Sugiyama layout. `dot` gets what is
+    left of the request's `deadline` (a `time.monotonic()` value), at most DOT_TIMEOUT_S;
+    grandalf's time is bounded by MAX_DRAWN_NODES."""
     dot = shutil.which("dot")
     if dot:
         try:
-            return dot_layout(drawing, dot)
+            return dot_layout(drawing, dot, _seconds_left(deadline))
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as err:
             log.warning("dot failed (%s); falling back to grandalf", err)
     return grandalf_layout(drawing)
 
 
-def dot_layout(drawing: Drawing, dot: str) -> Layout:
+def _seconds_left(deadline: float | None) -> float:
+    if deadline is None:
+        return DOT_TIMEOUT_S
+    return max(0.1, min(DOT_TIMEOUT_S, deadline - time.monotonic()))
+
+
+def dot_layout(drawing: Drawing, dot: str, timeout: float = DOT_TIMEOUT_S) -> Layout:
     done = subprocess.run(  # a fixed argument list; the DOT text goes on stdin
         [dot, "-Tjson"],
         input=dot_source(drawing).encode(),
         capture_output=True,
-        timeout=DOT_TIMEOUT_S,
+        timeout=timeout,
         check=False,
     )
     if done.returncode != 0:
@@ -609,7 +635,7 @@ def render(drawing: Drawing, placed: Layout) -> str:
     out.append("</g></g>")
     out.append(_findings_svg(drawing.findings, top + placed.height + MARGIN))
     out.append("</svg>")
-    return "\n".join(out) + "\n"
+    return xml_safe("\n".join(out) + "\n")
 
 
 def _wire_svg(wire: Wire, path: str, mx: float, my: float) -> str:
@@ -680,11 +706,13 @@ def _finding_text(finding: Mapping[str, Any]) -> str:
 # --- entry points ------------------------------------------------------------------------
 
 
-def graph_svg(report: Mapping[str, Any]) -> str:
+def graph_svg(report: Mapping[str, Any], *, deadline: float | None = None) -> str:
     drawing = graph_drawing(report)
-    return render(drawing, layout(drawing))
+    return render(drawing, layout(drawing, deadline))
 
 
-def network_svg(report: Mapping[str, Any], input_dim: int | None = None) -> str:
+def network_svg(
+    report: Mapping[str, Any], input_dim: int | None = None, *, deadline: float | None = None
+) -> str:
     drawing = network_drawing(report, input_dim)
-    return render(drawing, layout(drawing))
+    return render(drawing, layout(drawing, deadline))

@@ -15,7 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 from oracle_models import CNN_MODELS, DEAD_FILTERS, network_body
 
-from gradiag.service.config import Settings
+from gradiag.service.config import MIB, Settings
 
 ORACLE = Path(__file__).resolve().parent / "fixtures" / "oracle" / "cnn"
 
@@ -49,7 +49,9 @@ def answered(
 ) -> tuple[dict[str, Any], dict[str, Any], Any]:
     from gradiag.service import create_app
 
-    client = create_app(Settings(), TESTING=True).test_client()
+    # every gradient of a CIFAR batch is a ~120 MB answer: over the default 64 MiB limit
+    settings = Settings(max_response_bytes=256 * MIB, max_request_memory_bytes=2048 * MIB)
+    client = create_app(settings, TESTING=True).test_client()
     _, body, facts, arrays = case
     return post(client, body), facts, arrays
 

@@ -136,3 +136,44 @@ def test_gunicorn_with_the_project_config_exits_2_on_a_bad_value(tmp_path: Path)
     assert done.returncode == 2
     assert "gradiag: GRADIAG_WORKERS='many' is not a whole number" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_slow_client_and_answer_settings_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "GRADIAG_WORKER_CLASS": "SYNC",
+            "GRADIAG_HEADER_TIMEOUT": "3",
+            "GRADIAG_BODY_TIMEOUT": "9",
+            "GRADIAG_SEND_TIMEOUT": "11",
+            "GRADIAG_MAX_RESPONSE_BYTES": "1_000_000",
+            "GRADIAG_MEMORY_LIMIT_BYTES": str(2 * 1024**3),
+            "GRADIAG_WORKERS": "4",
+        }
+    )
+    assert settings.worker_class == "sync"
+    assert (settings.header_timeout, settings.body_timeout, settings.send_timeout) == (3, 9, 11)
+    assert settings.max_response_bytes == 1_000_000
+    # (2 GiB - 64 MiB) / 4 workers - 64 MiB
+    assert settings.max_request_memory_bytes == (2048 - 64) // 4 * 2**20 - 64 * 2**20
+    with pytest.raises(ConfigError, match="GRADIAG_WORKER_CLASS='eventlet' must be one of"):
+        Settings.from_env({"GRADIAG_WORKER_CLASS": "eventlet"})
+
+
+def test_the_default_memory_limit_is_the_containers_or_the_machines() -> None:
+    from gradiag.service.config import memory_limit
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < memory_limit() <= ram
+    assert Settings().memory_limit_bytes == memory_limit()
+
+
+def test_gunicorn_runs_the_gevent_worker_with_the_header_timeout(tmp_path: Path) -> None:
+    env = {**os.environ, "GRADIAG_HEADER_TIMEOUT": "7", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    code = (
+        "import gradiag.service.gunicorn_conf as c; "
+        "print(c.worker_class, c.keepalive, c.graceful_timeout, c.worker_connections)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["gradiag.service.worker.GeventWorker", "7", "30", "1000"]

@@ -46,7 +46,23 @@ def container() -> dict[str, Any]:
 
 
 def env_of(c: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c.get("env", [])}
+    """The container's environment as the kubelet gives it: values, and the memory limit
+    through the downward API (resourceFieldRef) in bytes."""
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["resourceFieldRef"]
+            assert ref["resource"] == "limits.memory"
+            env[e["name"]] = str(quantity_bytes(c["resources"]["limits"]["memory"]))
+    return env
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (`1Gi`, `384Mi`) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]]
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -215,3 +231,23 @@ def test_dockerfile_builds_a_small_non_root_image_that_serves_port_8000() -> Non
     assert not re.search(r"\b(gcc|g\+\+|build-essential|apt-get install)\b", final)
     pod = resource("Deployment")["spec"]["template"]["spec"]
     assert f"USER {pod['securityContext']['runAsUser']}" in final
+
+
+# --- hardening: memory, shutdown and slow clients in every set-up ---------------------------
+
+
+def test_each_request_memory_limit_is_sized_from_the_pods_limit() -> None:
+    c = container()
+    settings = Settings.from_env(env_of(c))
+    assert settings.memory_limit_bytes == quantity_bytes(c["resources"]["limits"]["memory"])
+    assert settings.max_request_memory_bytes == 416 * 2**20  # (1 GiB - 64 MiB) / 2 - 64 MiB
+    assert settings.worker_class == "gevent"
+
+
+def test_the_grace_periods_cover_the_longest_request() -> None:
+    settings = Settings.from_env(env_of(container()))  # refuses a graceful timeout too short
+    assert settings.graceful_timeout >= settings.time_budget_seconds + 5
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["gradiag"]
+    compose_settings = Settings.from_env(compose["environment"])
+    assert int(compose["stop_grace_period"].rstrip("s")) > compose_settings.graceful_timeout
+    assert compose["mem_limit"] == "1g"  # as the pod: each request's limit is sized from it

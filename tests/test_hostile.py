@@ -339,11 +339,13 @@ def test_a_200k_node_chain_is_answered(client: FlaskClient) -> None:
 
 @pytest.fixture
 def slow_app() -> Flask:
-    """Size limits wide open, a one-second time budget."""
+    """Size limits wide open (the answer and memory ones too), a one-second time budget."""
     return create_app(
         Settings(
             max_total_elements=10**9,
             max_flops=10**15,
+            max_response_bytes=2**40,
+            max_request_memory_bytes=2**40,
             time_budget_seconds=1,
         )
     )

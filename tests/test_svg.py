@@ -306,3 +306,41 @@ def test_a_conv_net_picture_shows_each_layer_kind_and_its_image_shape(
     assert "dead" not in text["layer2"] and "‖dW‖" not in text["layer2"]  # no units, no weights
     assert "144 units" in text["layer3"]
     assert "3 units linear" in text["layer4"]
+
+
+# --- well-formed XML whatever the ids (docs/hardening.md) ---------------------------------
+
+
+@pytest.mark.parametrize("bad", ["x\x01y", "tab\there", "new\nline", "del\x7f", "c1\x85", "\ufffe"])
+def test_an_id_with_a_control_character_is_refused_at_validation(
+    client: FlaskClient, bad: str
+) -> None:
+    body = {"nodes": [{"id": bad, "op": "input", "value": 1}], "output": bad}
+    for path in ("/v1/graph", "/v1/graph.svg"):
+        r = client.post(path, json=body)
+        assert r.status_code == 422
+        first = r.get_json()["errors"][0]
+        assert first["loc"] == ["nodes", 0, "id"]
+        assert first["msg"].startswith("must not contain control characters")
+
+
+def test_ids_of_any_printable_text_make_well_formed_xml(client: FlaskClient) -> None:
+    ids = ["<a&b>", "q\"u'o", "]]>", "ünïcødé ✓", "𝑥", "a" * 200]
+    nodes = [{"id": i, "op": "input", "value": 1.0} for i in ids]
+    nodes.append({"id": "s", "op": "add", "inputs": ids[:2]})
+    _, root = post_svg(client, {"nodes": nodes, "output": "s"})
+    assert {g.get("data-node") for g in root.iter(f"{SVG}g")} >= set(ids[:2])
+
+
+def test_the_picture_writes_characters_xml_cannot_hold_as_visible_escapes() -> None:
+    text = svg.xml_safe("a\x00b\x08c\x1fd\ufffe")
+    assert text == "a\\u0000b\\u0008c\\u001fd\\ufffe"
+    drawing = svg.Drawing(title="t\x01", boxes=[], wires=[], notes=["n\x02"])
+    out = svg.render(drawing, svg.Layout(10, 10, {}, [], [], "test"))
+    ET.fromstring(out)  # parses: well-formed
+
+
+def test_a_summarised_tensor_is_labelled_by_its_shape_and_norm() -> None:
+    summary = {"shape": [3, 4], "min": -1.0, "max": 2.0, "mean": 0.5, "norm": 5.0}
+    assert svg.fmt_tensor(summary, [3, 4]) == "[3×4] ‖·‖=5"
+    assert svg.fmt_tensor({"shape": [], "mean": 2.5, "norm": 2.5}, []) == "2.5"
