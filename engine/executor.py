@@ -98,11 +98,19 @@ def check_deadline(deadline: float | None) -> None:
 
 
 def run(
-    program: Program, output_grad: Array | None = None, *, deadline: float | None = None
+    program: Program,
+    output_grad: Array | None = None,
+    *,
+    leaves: Mapping[int, Array] | None = None,
+    deadline: float | None = None,
 ) -> Result:
     """One forward and one backward pass. `deadline` (a `time.monotonic()` value) is checked
-    between levels and before every single node (one may be a big matmul)."""
-    values, caches = forward(program, deadline=deadline)
+    between levels and before every single node (one may be a big matmul). `leaves` (tensor
+    values by row, of the compiled shapes and dtype) replace those leaves' values for this
+    run only: a training loop sets each step's minibatch and weights on the one program it
+    compiled, with no copy of the program."""
+    tensors = None if leaves is None else {**program.tensors, **leaves}
+    values, caches = forward(program, tensors=tensors, deadline=deadline)
     return backward(program, values, caches, output_grad, deadline=deadline)
 
 

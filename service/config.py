@@ -45,6 +45,8 @@ class Settings:
     max_layers: int = 64
     max_units: int = 16_384
     max_batch: int = 65_536
+    # POST /v1/network with `train`: runs x steps x estimated FLOPs per step (docs/training.md)
+    max_training_flops: int = 100_000_000_000
     # wall-clock seconds of engine work per request (forward, backward, gradcheck); over it:
     # a 422 naming time_budget_seconds. Keep it below `timeout`, gunicorn's worker-kill backstop
     time_budget_seconds: int = 20

@@ -5,12 +5,14 @@ the report is shaped from that one run."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app, g
 
 from gradiag.engine import EngineError, LimitError, Result, run
+from gradiag.engine.histograms import Histogram, layer_histograms, layer_ranges
 from gradiag.engine.network import (
     Batch,
     BatchNorm,
@@ -32,6 +34,7 @@ from gradiag.engine.network import (
     with_leaves,
 )
 from gradiag.engine.tensors import to_array, to_wire
+from gradiag.engine.training import Pass, train
 from gradiag.schemas.network import (
     BatchNormLayer,
     Conv2dLayer,
@@ -46,6 +49,7 @@ from gradiag.service.errors import ProblemError, engine_problem
 from gradiag.service.frontend import engine_limits, engine_thresholds
 from gradiag.service.metrics import ReportSummary
 from gradiag.service.report import health, node_reports
+from gradiag.service.training import engine_training, histograms_report, training_answer
 
 
 def network_spec(request: NetworkRequest) -> NetworkSpec:
@@ -116,31 +120,70 @@ class DiagnosedNetwork:
     spec: NetworkSpec
     result: Result
     diagnostics: NetworkDiagnostics
+    histograms: Sequence[Mapping[str, Histogram]] | None = None  # per layer, when asked
 
 
 def diagnose_network(
     request: NetworkRequest, limits: NetworkLimits, deadline: float | None = None
 ) -> DiagnosedNetwork:
     """Check, compile (the limits: nothing drawn yet), draw the leaves, run once, read the
-    health."""
+    health (and, asked for, the histograms, over this pass's own ranges)."""
     spec = network_spec(request)
-    check_network(spec)
+    stages = check_network(spec)
     program = compile_network(spec, limits, gradients="gradients" in request.include)
     result = run(with_leaves(program, leaf_values(spec)), deadline=deadline)
     diagnostics = network_diagnostics(result, spec, engine_thresholds(request.thresholds))
-    return DiagnosedNetwork(spec, result, diagnostics)
+    histograms = None
+    if "histograms" in request.include:
+        index = {node: i for i, node in enumerate(program.node_ids())}
+        names = [stage.name for stage in stages]
+        histograms = layer_histograms(result, index, names, layer_ranges(result, index, names))
+    return DiagnosedNetwork(spec, result, diagnostics, histograms)
 
 
 def network_report_of_request() -> dict[str, Any]:
     """The /v1/network report of this request's body (for the JSON and SVG views alike)."""
     request = parse_body(NetworkRequest)
     settings = current_app.config["GRADIAG"]
+    gradients = "gradients" in request.include
     try:
+        if request.train is not None:
+            return trained_report(request, settings)
         done = diagnose_network(request, network_limits(settings), settings.deadline())
     except EngineError as err:
         raise network_problem(err) from None
     g.report_summary = report_summary(done)
-    return network_report(done, gradients="gradients" in request.include, explain=request.explain)
+    return network_report(done, gradients=gradients, explain=request.explain)
+
+
+def trained_report(request: NetworkRequest, settings: Settings) -> dict[str, Any]:
+    """`train`: every run (engine.training), then the answer (service.training)."""
+    assert request.train is not None
+    spec = network_spec(request)
+    stages = check_network(spec)
+    training = engine_training(
+        request.train, spec.batch_size, histograms="histograms" in request.include
+    )
+    gradients = "gradients" in request.include
+    outcome = train(
+        spec,
+        training,
+        stages,
+        network_limits(settings),
+        engine_thresholds(request.thresholds),
+        gradients=gradients,
+        max_training_flops=settings.max_training_flops,
+        deadline=settings.deadline(),
+    )
+
+    def report_of(done: Pass) -> dict[str, Any]:
+        diagnosed = DiagnosedNetwork(spec, done.result, done.diagnostics, done.histograms)
+        return network_report(diagnosed, gradients=gradients, explain=request.explain)
+
+    sweep = isinstance(request.train.lr, list)
+    headline = outcome.start if sweep else outcome.runs[0].final
+    g.report_summary = report_summary(DiagnosedNetwork(spec, headline.result, headline.diagnostics))
+    return training_answer(outcome, report_of, sweep=sweep)
 
 
 def network_problem(err: EngineError) -> ProblemError:
@@ -175,6 +218,9 @@ def network_report(
         "signal_ratio": None if d.signal_ratio is None else to_wire(d.signal_ratio),
         "health": health(d.findings, d.status),
     }
+    if done.histograms is not None:
+        for entry, histograms in zip(report["layers"], done.histograms, strict=True):
+            entry["histograms"] = histograms_report(histograms)
     if gradients:
         report["nodes"] = node_reports(done.result, explain=explain)
     return report
