@@ -164,7 +164,7 @@ def _forward_level(
 
 def _forward_single(program: Program, group: Group, values: Slots, caches: dict[int, Any]) -> None:
     row = group.row
-    args = [values[j] for j in program.inputs(row)]
+    args = [values[j] for j in group.inputs]
     try:
         out, caches[row] = group.op.forward(*args, **group.attrs)
     except EngineError as err:
@@ -348,7 +348,7 @@ class _Walk:
         if not shape and dout == 0 and not self.live()[group.start]:
             return  # a scalar node nothing reached (its slot was 0 from the start)
         op, cache = group.op, self.caches[row]
-        operands = program.inputs(row)
+        operands = group.inputs
         wanted = tuple(program.has_grad(j) for j in operands)
         local = op.backward(dout, cache, wanted) if op.takes_needs else op.backward(dout, cache)
         for j, d, needed in zip(operands, local, wanted, strict=True):

@@ -232,10 +232,12 @@ class Watched:
     stage: Stage
     gate: Op | None  # relu, leaky_relu (dies, leaks), sigmoid, tanh (saturates)
     weighted: bool
+    name: str = ""  # the stage's (layer1, ...)
+    weight: str = ""  # its W's node (layer1.W)
 
-    @property
-    def name(self) -> str:
-        return self.stage.name
+    def __post_init__(self) -> None:  # the names the loop looks up on every step, made once
+        object.__setattr__(self, "name", self.stage.name)
+        object.__setattr__(self, "weight", f"{self.stage.name}.W")
 
     @property
     def dies(self) -> bool:
@@ -259,8 +261,7 @@ def unit_mask(result: Result, index: Mapping[str, int], layer: Watched, eps: flo
     assert layer.gate is not None
     z = result.value(index[f"{layer.name}.z"])
     a = result.value(index[f"{layer.name}.a"])
-    with np.errstate(invalid="ignore"):
-        mask = flagged(layer.gate, z, a, eps)
+    mask = flagged(layer.gate, z, a, eps)  # comparisons: NaN reads as neither dead nor not
     axes = unit_axes(mask.ndim, 0)
     return mask.all(axis=axes).reshape(-1) if axes is not None else mask.reshape(-1)
 
@@ -383,6 +384,8 @@ def _sgd_run(setup: _Setup, start: Pass, lr: float) -> Run:
     x, y = setup.leaves["X"], setup.leaves.get("y")
     weights = {name: setup.leaves[name].copy() for name in setup.params}
     velocity = {name: np.zeros_like(w) for name, w in weights.items()}
+    names = [layer.name for layer in setup.layers]
+    gated = [layer for layer in setup.layers if layer.gate]
     weighted = [layer for layer in setup.layers if layer.weighted]
     eps = setup.thresholds.saturation_eps
     tracker = _UnitTracker(setup.layers, start.diagnostics)
@@ -401,12 +404,9 @@ def _sgd_run(setup: _Setup, start: Pass, lr: float) -> Run:
         result = run(compiled.program, leaves=leaves, deadline=setup.deadline)
         loss = float(result.value(index["loss"]))
         losses.append(loss)
-        masks = {
-            layer.name: unit_mask(result, index, layer, eps) for layer in setup.layers if layer.gate
-        }
+        masks = {layer.name: unit_mask(result, index, layer, eps) for layer in gated}
         tracker.see(step, [masks[layer.name] for layer in tracker.layers])
         recorded = step % training.record_every == 0 or step == training.steps - 1
-        names = [layer.name for layer in setup.layers]
         histograms = setup.histograms(result, index, names) if recorded else None
         if not math.isfinite(loss):
             stopped = step
@@ -417,7 +417,7 @@ def _sgd_run(setup: _Setup, start: Pass, lr: float) -> Run:
             assert grad is not None  # a param always gets a gradient
             velocity[name] = _velocity(velocity[name], grad, training.momentum)
         step_ratios = {
-            layer.name: update_ratio(lr, velocity[f"{layer.name}.W"], weights[f"{layer.name}.W"])
+            layer.name: update_ratio(lr, velocity[layer.weight], weights[layer.weight])
             for layer in weighted
         }
         ratios[step] = [math.nan if r is None else r for r in step_ratios.values()]
