@@ -173,6 +173,14 @@ MAX_RATES = 16  # learning rates in one sweep
 MAX_STEPS = 100_000
 MAX_RECORDED_STEPS = 10_000  # per run: bounds the answer (steps / record_every)
 LearningRate = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+# a number or a list: an error's loc reads ["train", "lr", "number"] or ["train", "lr", "list", k]
+LearningRates = Annotated[
+    Union[  # noqa: UP007
+        Annotated[LearningRate, Tag("number")],
+        Annotated[list[LearningRate], Field(min_length=1, max_length=MAX_RATES), Tag("list")],
+    ],
+    Discriminator(lambda value: "list" if isinstance(value, list) else "number"),
+]
 
 
 class TrainSpec(WireModel):
@@ -181,9 +189,7 @@ class TrainSpec(WireModel):
     replacement per epoch from `seed`. `lr` a list: one run per rate from the same start."""
 
     optimizer: Literal["sgd"] = "sgd"
-    lr: LearningRate | Annotated[list[LearningRate], Field(min_length=1, max_length=MAX_RATES)] = (
-        Field(description="the learning rate, or a list of them (a sweep)")
-    )
+    lr: LearningRates = Field(description="the learning rate, or a list of them (a sweep)")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     steps: int = Field(100, ge=1, le=MAX_STEPS, description="SGD updates per run")
     batch_size: int | None = Field(

@@ -123,11 +123,11 @@ def sweep_table(outcome: TrainingOutcome) -> dict[str, Any]:
 # --- the answer's size, before any compute -----------------------------------------------
 
 NUMBER_BYTES = 25  # the longest float64 text and a comma
-COUNT_BYTES = 21  # a count: up to 20 digits and a comma
+INT_BYTES = 21  # an index or a step: up to 20 digits and a comma
 STEP_BYTES = 60  # {"step":,"loss":,"layers":[]}, without the numbers
 LAYER_STEP_BYTES = 80  # {"index":,"dead_units":,"saturated_units":,"update_ratio":},
 HISTOGRAM_BYTES = 80  # "z":{"range":[,],"counts":[],"below":,"above":,"nonfinite":},
-EVENT_BYTES = 50 + 3 * COUNT_BYTES  # {"layer":,"unit":,"step":},
+EVENT_BYTES = 40 + 3 * INT_BYTES  # {"layer":,"unit":,"step":},
 RUN_BYTES = 200  # a run's keys, lr, updates, stopped_at
 TABLE_ROW_BYTES = 80
 
@@ -136,15 +136,16 @@ def training_answer_bytes(training: Training, stages: Sequence[Stage], report_by
     """An upper bound on what `train` adds to the /v1/network answer, from the definition
     alone: every run's recorded steps (and histograms), every unit of a dying layer once in
     `died` or `revived`, and for a sweep every run's `final` report (`report_bytes`: the
-    estimate of one report, the answer without `train`) and the table. To be added to the
-    answer's estimate before any compute."""
+    estimate of one report, the answer without `train`, its histograms included: see
+    `report_histogram_bytes`) and the table. To be added to the answer's estimate before any
+    compute."""
     layers = watched_layers(stages)
-    steps = training.steps
-    recorded = math.ceil(steps / training.record_every) + 1  # and the last
-    per_layer = LAYER_STEP_BYTES + 4 * COUNT_BYTES
-    if training.histograms:
-        per_layer += 4 * (HISTOGRAM_BYTES + 5 * NUMBER_BYTES + BINS * COUNT_BYTES)
-    per_step = STEP_BYTES + NUMBER_BYTES + len(layers) * per_layer
+    recorded = math.ceil(training.steps / training.record_every) + 1  # and the last
+    per_step = STEP_BYTES + NUMBER_BYTES
+    for layer in layers:
+        per_step += LAYER_STEP_BYTES + 2 * INT_BYTES + NUMBER_BYTES
+        if training.histograms:
+            per_step += 4 * _histogram_bytes(layer.stage, training.batch_size)
     dying_units = sum(layer.stage.out[1] for layer in layers if layer.dies)
     per_run = RUN_BYTES + recorded * per_step + dying_units * EVENT_BYTES
     runs = len(training.lrs)
@@ -153,3 +154,16 @@ def training_answer_bytes(training: Training, stages: Sequence[Stage], report_by
     dying = sum(layer.dies for layer in layers)
     table = runs * (TABLE_ROW_BYTES + dying * NUMBER_BYTES)
     return runs * (per_run + report_bytes) + table
+
+
+def _histogram_bytes(stage: Stage, batch: int) -> int:
+    """One histogram of the layer: its frame, range and counts, each count at most as many
+    digits as the largest tensor it counts has elements."""
+    largest = max(batch * math.prod(stage.out[1:]), math.prod(stage.params.get("W", (0,))))
+    count_bytes = len(str(largest)) + 1
+    return HISTOGRAM_BYTES + 2 * NUMBER_BYTES + (BINS + 3) * count_bytes
+
+
+def report_histogram_bytes(stages: Sequence[Stage], examples: int) -> int:
+    """What `include: ["histograms"]` adds to one report: four histograms per layer."""
+    return sum(4 * _histogram_bytes(stage, examples) for stage in stages)
