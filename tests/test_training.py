@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from gradiag.engine.network import NetworkLimits, check_network, compile_network
 from gradiag.engine.training import Training, TrainingOutcome, minibatch_order, train
 from gradiag.schemas.network import NetworkRequest, NetworkResponse
 from gradiag.service import create_app
+from gradiag.service import timeline as timeline_module
 from gradiag.service.config import Settings
 from gradiag.service.network import network_spec
 from gradiag.service.training import (
@@ -627,3 +629,69 @@ def test_a_one_example_batch_trains() -> None:
     losses = [step.loss for step in outcome.runs[0].steps]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert losses[2] < losses[0]  # gradient descent on one example lowers its loss
+
+
+# --- the picture: /v1/network.svg with `train` ------------------------------------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_network_svg_draws_the_timeline_one_line_per_rate_and_layer(client: FlaskClient) -> None:
+    """The layer chain, then the timeline: a polyline per (rate, relu layer) through every
+    recorded step, its last point at the last recorded dead fraction (the JSON twin's)."""
+    body = small_body(lr=[0.01, 0.5, 3.0], steps=12, record_every=3)
+    body["layers"] = [
+        {"units": 8},
+        {"units": 6, "activation": "leaky_relu"},
+        {"units": 3, "activation": "linear"},
+    ]
+    answer = post(client, body)
+    response = client.post("/v1/network.svg", json=body)
+    assert response.status_code == 200 and response.mimetype == "image/svg+xml"
+    root = ET.fromstring(response.get_data())
+    (timeline,) = [g for g in root.iter(f"{SVG}g") if g.get("class") == "timeline"]
+    lines = [p for p in timeline.iter(f"{SVG}polyline") if p.get("class") == "series"]
+    assert [(p.get("data-lr"), p.get("data-layer")) for p in lines] == [
+        (lr, layer) for lr in ("0.01", "0.5", "3") for layer in ("1", "2")
+    ]
+    units = {1: 8, 2: 6}
+    for line, (k, layer) in zip(lines, [(k, i) for k in range(3) for i in (1, 2)], strict=True):
+        steps = answer["training"]["runs"][k]["steps"]
+        points = [tuple(map(float, p.split(","))) for p in (line.get("points") or "").split()]
+        assert len(points) == len(steps) == 5  # steps 0, 3, 6, 9 and the last, 11
+        assert points[0][0] == timeline_module.LEFT
+        assert points[-1][0] == pytest.approx(timeline_module.LEFT + timeline_module.PLOT_W)
+        dead = steps[-1]["layers"][layer - 1]["dead_units"] / units[layer]
+        want = timeline_module.TOP + (1 - dead) * timeline_module.PLOT_H
+        assert points[-1][1] == pytest.approx(want, abs=0.05)
+        assert line.get("data-last") == f"{dead:.0%}"
+    legend = [
+        "".join(t.itertext())
+        for t in timeline.iter(f"{SVG}text")
+        if t.get("class") == "legend-text"
+    ]
+    assert len(legend) == 6 and legend[0].startswith("lr 0.01 · layer1: ")
+    notes = "".join(root.itertext())
+    assert "trained at lr 0.01, 0.5, 3; the layers show the initial weights" in notes
+
+
+def test_network_svg_without_train_has_no_timeline(client: FlaskClient) -> None:
+    body = small_body()
+    del body["train"]
+    root = ET.fromstring(client.post("/v1/network.svg", json=body).get_data())
+    assert not [g for g in root.iter(f"{SVG}g") if g.get("class") == "timeline"]
+
+
+def test_network_svg_of_one_rate_says_it_shows_the_final_weights(client: FlaskClient) -> None:
+    root = ET.fromstring(client.post("/v1/network.svg", json=small_body()).get_data())
+    assert "the layers show the final weights" in "".join(root.itertext())
+    lines = [p for p in root.iter(f"{SVG}polyline") if p.get("class") == "series"]
+    assert len(lines) == 1 and lines[0].get("data-lr") == "0.1"
+
+
+def test_network_svg_errors_of_train_are_the_json_twins(client: FlaskClient) -> None:
+    body = small_body(lr=-1)
+    svg_problem = client.post("/v1/network.svg", json=body)
+    json_problem = client.post("/v1/network", json=body)
+    assert svg_problem.status_code == json_problem.status_code == 422
+    assert svg_problem.get_json()["errors"] == json_problem.get_json()["errors"]
