@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import orjson
 import requests
+import training_bench  # bench/training_bench.py, beside this script
 
 from gradiag.client.packed import pack, unpack
 
@@ -787,6 +788,7 @@ def summary(results: dict[str, Any]) -> str:
             f"| tensors {row['tensor_bytes'] / 2**20:.0f} MiB | {row['ratio']:.2f}x | <= 1.5x "
             f"| {verdict(row['ratio'] <= 1.5)} |"
         )
+    lines += training_bench.summary_lines(results.get("training", []))
     return "\n".join(lines) + "\n"
 
 
@@ -834,6 +836,8 @@ def main() -> None:
                 row = bench_scalar(big.url, default.url, size, kind, n)
                 print(row, flush=True)
                 results["scalar"].append(row)
+        results["training"] = training_bench.rows(default.url, reps)  # bench/training_bench.py
+        print(results["training"], flush=True)
     finally:
         big.close()
         default.close()

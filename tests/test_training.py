@@ -695,3 +695,52 @@ def test_network_svg_errors_of_train_are_the_json_twins(client: FlaskClient) -> 
     json_problem = client.post("/v1/network", json=body)
     assert svg_problem.status_code == json_problem.status_code == 422
     assert svg_problem.get_json()["errors"] == json_problem.get_json()["errors"]
+
+
+# --- docs/training.md says what the service says -----------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_the_request_of_training_md_answers_what_the_page_quotes(client: FlaskClient) -> None:
+    page = (DOCS / "training.md").read_text()
+    block = page.split("```json\n", 1)[1].split("```", 1)[0]
+    answer = post(client, json.loads(block))
+    table = answer["training"]["table"]
+    assert table["layers"] == [1, 2]
+    for row in table["rows"]:
+        dead = " | ".join(f"{f:.0%}" for f in row["dead_fraction"])
+        assert f"| {row['lr']:g} | {row['status']} | {dead} |" in page
+    runs = {run["lr"]: run["final"]["health"]["findings"] for run in answer["training"]["runs"]}
+    assert runs[0.05] == []
+    medians = [
+        f["message"].split(" is ")[1].split(" ")[0]
+        for f in runs[0.5]
+        if f["code"] == "update_ratio"
+    ]
+    assert f"median {', '.join(medians)}: above 1e-2" in page
+    diverged = next(f["message"] for f in runs[5.0] if f["code"] == "diverged")
+    assert "the loss reaches 24.81 at step 1" in diverged and "its start (2.117)" in diverged
+    onset = {f["location"]: f for f in runs[5.0] if f["code"] == "dead_relu_onset"}
+    assert (
+        onset["layer1"]["message"].startswith("6 of the 32")
+        and onset["layer1"]["severity"] == "warn"
+    )
+    assert (
+        onset["layer2"]["message"].startswith("31 of the 31")
+        and onset["layer2"]["severity"] == "fail"
+    )
+
+
+def test_the_sweep_figures_of_training_md_are_the_measured_ones(
+    sweep: list[TrainingOutcome],
+) -> None:
+    page = (DOCS / "training.md").read_text()
+    fixture = json.loads((FIXTURES / "sweep.json").read_text())["mean_dead_fraction"]
+    fractions = np.stack([dead_fractions(outcome) for outcome in sweep], axis=1).mean(axis=1)
+    for k, lr in enumerate(om.SWEEP_LRS):
+        ours = f"{fractions[k, 0]:.1%}"
+        torch = f"{fixture[f'{lr:g}'][0]:.1%}"
+        fails = sum(o.runs[k].final.diagnostics.status == "fail" for o in sweep)
+        row = f"| {lr:.1f} | {ours} | {torch} | {ours} | {fractions[k, 1]:.1%} | {fails} of 5 |"
+        assert row in page, row
