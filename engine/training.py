@@ -44,7 +44,8 @@ from gradiag.engine.diagnostics import (
     cap_findings,
     flagged,
     grade,
-    norm,
+    norm_of_sum_of_squares,
+    sum_of_squares,
     unit_axes,
     worst_status,
 )
@@ -257,13 +258,16 @@ def watched_layers(stages: Sequence[Stage]) -> list[Watched]:
 
 
 def unit_mask(result: Result, index: Mapping[str, int], layer: Watched, eps: float) -> Array:
-    """(units,) which units of the layer are flagged (dead or saturated) in this pass."""
+    """(units,) which units of the layer are flagged in this pass: dead (z <= 0 at every
+    example and position: the unit's largest z is <= 0), or saturated (`flagged` at all of
+    them). A NaN z reads as alive, as in the report."""
     assert layer.gate is not None
     z = result.value(index[f"{layer.name}.z"])
+    axes = unit_axes(z.ndim, 0)  # a layer's output is (N, units) or (N, C, H, W)
+    if layer.dies:
+        return np.asarray(np.max(z, axis=axes).reshape(-1) <= 0)
     a = result.value(index[f"{layer.name}.a"])
-    mask = flagged(layer.gate, z, a, eps)  # comparisons: NaN reads as neither dead nor not
-    axes = unit_axes(mask.ndim, 0)
-    return mask.all(axis=axes).reshape(-1) if axes is not None else mask.reshape(-1)
+    return flagged(layer.gate, z, a, eps).all(axis=axes).reshape(-1)
 
 
 def dead_mask(diagnostics: NetworkDiagnostics, layer: Watched) -> Array:
@@ -446,9 +450,10 @@ def _velocity(v: Array, grad: Array, momentum: float) -> Array:
 
 
 def update_ratio(lr: float, v: Array, w: Array) -> float | None:
-    """||lr * v|| / ||W||, W before the update; None when ||W|| is 0."""
-    w_norm = norm(w)
-    return lr * norm(v) / w_norm if w_norm else None
+    """||lr * v|| / ||W||, W before the update; None when ||W|| is 0. The norms are
+    `diagnostics.norm`'s, from each array's sum of squares (one BLAS dot each)."""
+    w_norm = norm_of_sum_of_squares(sum_of_squares(w), w)
+    return lr * norm_of_sum_of_squares(sum_of_squares(v), v) / w_norm if w_norm else None
 
 
 def _record(
