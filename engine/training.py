@@ -233,12 +233,8 @@ class Watched:
     stage: Stage
     gate: Op | None  # relu, leaky_relu (dies, leaks), sigmoid, tanh (saturates)
     weighted: bool
-    name: str = ""  # the stage's (layer1, ...)
-    weight: str = ""  # its W's node (layer1.W)
-
-    def __post_init__(self) -> None:  # the names the loop looks up on every step, made once
-        object.__setattr__(self, "name", self.stage.name)
-        object.__setattr__(self, "weight", f"{self.stage.name}.W")
+    name: str  # the stage's (layer1, ...) and its W's node (layer1.W): made once, read
+    weight: str  # on every step
 
     @property
     def dies(self) -> bool:
@@ -253,7 +249,7 @@ def watched_layers(stages: Sequence[Stage]) -> list[Watched]:
         gate = op if op is not None and op.gate is not None else None
         weighted = "W" in stage.params
         if gate is not None or weighted:
-            layers.append(Watched(stage, gate, weighted))
+            layers.append(Watched(stage, gate, weighted, stage.name, f"{stage.name}.W"))
     return layers
 
 
