@@ -49,7 +49,7 @@ wrk:
 
 # OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are unset for this command only (bench/README.md).
 bench: $(BENCH_VENV)/bin/.installed wrk
-	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BENCH_VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
 # PyTorch's answers as committed fixtures (bench/oracle/__main__.py); the tests read them
 # and never import torch.

@@ -11,9 +11,7 @@ latest.md. `--quick` runs fewer repetitions and skips the 1M-node graphs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import http.client
 import itertools
 import json
 import math
@@ -22,14 +20,12 @@ import platform
 import random
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +35,8 @@ import orjson
 import requests
 import training_bench  # bench/training_bench.py, beside this script
 
+from bench import cnn_bench
+from bench.common import Server, interleaved, median_ratio, peak_rss, post
 from gradiag.client.packed import pack, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,36 +213,6 @@ def bench_network(dtype: str, reps: int) -> dict[str, Any]:
         "fraction_of_matmul": median_ratio(times["gemms"], times["gradiag"]),
         "square_matmul_gflops": 2 * SQUARE**3 / median["square"] / 1e9,
     }
-
-
-def interleaved(
-    runs: dict[str, Callable[[], Any]], rounds: int, *, discard: int = 0, keep: int = 1
-) -> dict[str, list[float]]:
-    """Each function's time in every round, after one warm-up call of each: in a round each
-    runs `discard + keep` times back to back, and its time is the median of the last `keep`.
-    The order inside a round rotates by one each round. This machine's speed drifts by tens
-    of percent within a minute, so a ratio is taken between neighbours in time: the median
-    of the rounds' ratios. `discard` is for libraries with their own threads: after NumPy's
-    OpenBLAS threads or PyTorch's OpenMP threads have worked they spin for a while, and the
-    other library's first call shares the two cores with them (PyTorch measured up to 2x
-    slower right after NumPy)."""
-    names = list(runs)
-    for name in names:
-        runs[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            calls = []
-            for _ in range(discard + keep):
-                t = time.perf_counter()
-                runs[name]()
-                calls.append(time.perf_counter() - t)
-            times[name].append(statistics.median(calls[discard:]))
-    return times
-
-
-def median_ratio(numerators: list[float], denominators: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def network_gemms(dims: list[int], batch: int, dtype: str) -> tuple[Callable[[], None], int]:
@@ -430,26 +398,6 @@ def in_big_stack(fn: Callable[[], Any]) -> Any:
     return out[0] if out else None
 
 
-def post_graph(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    """POST /v1/graph with the standard library's http.client: one connection per request
-    (gunicorn's sync workers close it anyway), the body sent in one call, the answer read in
-    one. `requests` reads and writes in 8-10 KB pieces in Python: on the 100k-node bodies
-    (2 MB each way) it measured 15-20 ms more per round trip, the client's cost, not the
-    service's (as wrk replaced Python threads for the throughput rows)."""
-    where = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(where.hostname or "", where.port, timeout=900)
-    try:
-        # a 413 may come before the body is all sent (a broken pipe): read that answer
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            connection.request(
-                "POST", "/v1/graph", orjson.dumps(body), {"Content-Type": "application/json"}
-            )
-        response = connection.getresponse()
-        return response.status, orjson.loads(response.read())
-    finally:
-        connection.close()
-
-
 def bench_scalar(url: str, default_url: str, size: int, kind: str, reps: int) -> dict[str, Any]:
     """One graph four ways: the packed columns body, the columns body and the nodes body end
     to end over HTTP (the body is built outside the timing; its JSON encoding, packing
@@ -461,7 +409,7 @@ def bench_scalar(url: str, default_url: str, size: int, kind: str, reps: int) ->
     if size >= 1_000_000:
         for form, body in {"packed": table.body(), **bodies}.items():
             try:
-                status, problem = post_graph(default_url, body)
+                status, problem = post(default_url, body)
             except ConnectionResetError:  # refused so early that the answer was lost
                 status, problem = 0, None
             row[f"default_server_status_{form}"] = status
@@ -470,13 +418,13 @@ def bench_scalar(url: str, default_url: str, size: int, kind: str, reps: int) ->
 
     def over_http(body: dict[str, Any]) -> Callable[[], None]:
         def gradiag() -> None:
-            status, _ = post_graph(url, body)
+            status, _ = post(url, body)
             assert status == 200, status
 
         return gradiag
 
     def gradiag_packed() -> None:
-        status, answer = post_graph(url, table.body())
+        status, answer = post(url, table.body())
         assert status == 200, status
         grads = unpack(answer["columns"]["grad"])
         assert grads.size == len(nodes), grads.size
@@ -636,73 +584,9 @@ def bench_throughput(url: str, seconds: float, clients: int, rounds: int = 3) ->
 
 # --- peak RSS of the big-MLP request -----------------------------------------------------
 
-RSS_CHILD = """
-import sys, orjson, numpy as np
-from gradiag.schemas.network import NetworkRequest
-from gradiag.service.network import diagnose_network, network_report
-from gradiag.engine.network import NetworkLimits
-def status(key):  # /proc: VmHWM is this process's own peak (ru_maxrss survives exec)
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1])
-body = orjson.loads(sys.argv[1])
-request = NetworkRequest.model_validate(body)
-import gc; gc.collect()
-base = status("VmRSS")
-done = diagnose_network(request, NetworkLimits())
-report = orjson.dumps(network_report(done, gradients=False))
-peak = status("VmHWM")
-r = done.result
-tensor = sum(np.asarray(v).nbytes for v in r.values) + sum(
-    np.asarray(g).nbytes for g in r.grads if g is not None)
-print(orjson.dumps({"base_kib": base, "peak_kib": peak, "tensor_bytes": tensor}).decode())
-"""
-
 
 def bench_rss(dtype: str) -> dict[str, Any]:
-    body = orjson.dumps(network_body(BIG_MLP, BATCH, dtype)).decode()
-    out = subprocess.run(
-        [sys.executable, "-c", RSS_CHILD, body],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    )
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["dtype"] = dtype
-    row["request_bytes"] = (row["peak_kib"] - row["base_kib"]) * 1024
-    row["ratio"] = row["request_bytes"] / row["tensor_bytes"]
-    return row
-
-
-# --- the server --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, workers: int, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full = {**os.environ, **env, "GRADIAG_LOG_LEVEL": "warning"}
-        cmd = [str(Path(sys.executable).parent / "gradiag"), "serve", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--workers", str(workers)]
-        self.proc = subprocess.Popen(cmd, env=full, cwd=ROOT, stdout=subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError("the server did not start")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+    return {"dtype": dtype, **peak_rss(network_body(BIG_MLP, BATCH, dtype))}
 
 
 # --- report ------------------------------------------------------------------------------
@@ -782,6 +666,7 @@ def summary(results: dict[str, Any]) -> str:
             f"({t['healthz']['p50_ms']:.1f}/{t['healthz']['p99_ms']:.1f}) "
             f"| {row['ratio_vs_healthz']:.2f}x | {target} | {ok} |"
         )
+    lines += cnn_bench.summary_lines(results["cnn"], results["cnn_rss"])
     for row in results["rss"]:
         lines.append(
             f"| peak RSS big MLP {row['dtype']} | {row['request_bytes'] / 2**20:.0f} MiB "
@@ -816,6 +701,7 @@ def main() -> None:
         results["network"].append(row)
 
     results["rss"] = [bench_rss(dtype) for dtype in ("float64", "float32")]
+    results["cnn_rss"] = [cnn_bench.bench_cnn_rss(dtype) for dtype in ("float64", "float32")]
     print(results["rss"], flush=True)
 
     one = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -828,6 +714,8 @@ def main() -> None:
     )
     default = Server(1, **one)
     try:
+        results["cnn"] = [cnn_bench.bench_cnn(default.url, d, reps) for d in ("float64", "float32")]
+        print(results["cnn"], flush=True)
         results["scalar"] = []
         sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
         for size in sizes:

@@ -119,6 +119,7 @@ class Reading:
     flagged: int  # dead (dies, leaks) or saturated elements
     units: int | None  # None: no batch axis (rank < 2), not graded as units
     flagged_units: list[int] = field(default_factory=list)  # dead or saturated units
+    per_unit: Array | None = None  # flagged elements of each unit (with units)
 
     @property
     def fraction(self) -> float:
@@ -154,12 +155,12 @@ def unit_axes(ndim: int, batch_axis: int) -> tuple[int, ...] | None:
 def read_activation(op: Op, pre: Array, post: Array, eps: float, batch_axis: int) -> Reading:
     mask = flagged(op, pre, post, eps)
     axes = unit_axes(mask.ndim, batch_axis)
-    reading = Reading(op.name, mask.size, int(np.count_nonzero(mask)), None)
-    if axes is not None:
-        per_unit = mask.all(axis=axes).reshape(-1)
-        reading.units = per_unit.size
-        reading.flagged_units = np.flatnonzero(per_unit).tolist()
-    return reading
+    if axes is None:
+        return Reading(op.name, mask.size, int(np.count_nonzero(mask)), None)
+    per_unit = np.count_nonzero(mask, axis=axes).reshape(-1)
+    whole = mask.size // max(1, per_unit.size)  # a unit's elements
+    everywhere = np.flatnonzero(per_unit == whole).tolist()
+    return Reading(op.name, mask.size, int(per_unit.sum()), per_unit.size, everywhere, per_unit)
 
 
 DEAD_RELU_ADVICE = (

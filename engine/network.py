@@ -908,10 +908,8 @@ def _layer_diagnostics(
             op = OPS[ACTIVATION_OPS[getattr(layer, "activation", "linear")]]
             if op.gate is not None:
                 reading = read_activation(op, z, a, thresholds.saturation_eps, 0)
-            if z.ndim > 2:  # per channel: the fraction of (n, h, w) positions with z > 0
-                active = (z > 0).mean(axis=tuple(k for k in range(z.ndim) if k != 1))
-                channels = active.tolist()
-            stats.finite(z)
+            if z.ndim > 2:
+                channels = _channel_active_fraction(z, reading, stats.finite(z))
         mean, std = mean_std(a)
         if math.isfinite(mean):  # a float64 sum of a is non-finite when any element is
             stats.known_finite(a)
@@ -920,6 +918,20 @@ def _layer_diagnostics(
             norms["z"] = grad_norm("z")
         weight_norm = stats.norm(value("W")) if "W" in stage.params else None
     return LayerDiagnostics(stage, reading, channels, mean, std, weight_norm, norms)
+
+
+def _channel_active_fraction(z: Array, reading: Reading | None, finite: bool) -> list[float]:
+    """Per channel (axis 1), the fraction of its (n, h, w) positions with z > 0. A relu's
+    reading has counted the positions with z <= 0 already; with no NaN those are the rest."""
+    axes = tuple(k for k in range(z.ndim) if k != 1)
+    positions = z.size // max(1, z.shape[1])
+    counted = reading is not None and OPS[reading.op].gate in ("dies", "leaks")
+    if finite and counted and reading is not None and reading.per_unit is not None:
+        active = positions - reading.per_unit
+    else:
+        active = np.count_nonzero(z > 0, axis=axes)
+    fractions: list[float] = (active / max(1, positions)).tolist()
+    return fractions
 
 
 class _TensorStats:
