@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 import orjson
 import requests
-import training_bench  # bench/training_bench.py, beside this script
 
-from bench import cnn_bench
+from bench import cnn_bench, training_bench
 from bench.common import Server, interleaved, median_ratio, peak_rss, post
 from gradiag.client.packed import pack, unpack
 
@@ -724,7 +723,7 @@ def main() -> None:
                 row = bench_scalar(big.url, default.url, size, kind, n)
                 print(row, flush=True)
                 results["scalar"].append(row)
-        results["training"] = training_bench.rows(default.url, reps)  # bench/training_bench.py
+        results["training"] = training_bench.rows(default.url, reps)
         print(results["training"], flush=True)
     finally:
         big.close()

@@ -1,6 +1,6 @@
 """The training what-if against PyTorch (docs/training.md, docs/performance.md).
 
-    .venv-bench/bin/python bench/training_bench.py [--url URL] [--rounds 7]
+    .venv-bench/bin/python -m bench.training_bench [--url URL] [--rounds 7]
 
 200 SGD steps (lr 0.1, no momentum) of the 64-100-100-10 relu net, softmax cross-entropy, at
 batch 64 from 512 examples in [0, 1) (the sweep's set-up, tests/fixtures/oracle/README.md):
@@ -8,10 +8,10 @@ POST /v1/network with `train` over HTTP (the body sent, trained, every step reco
 answer read back) against the same 200 steps in PyTorch CPU in process (nn.Linear, ReLU,
 cross_entropy, torch.optim.SGD; the data already tensors), float64 and float32. PyTorch runs
 with one thread, as each gunicorn worker does, and with the process's default threads; the
-faster of the two is the baseline. The three alternate in rounds (each round's order rotated)
-after a warm-up; each time is the median of its rounds, each ratio the median of the rounds'
-ratios, so the machine's drift cancels. `make bench` calls `rows` and `summary_lines`
-(bench/run.py); run alone, this starts its own one-worker server.
+faster of the two is the baseline. The three alternate in rounds (`bench.common.interleaved`);
+each time is the median of its rounds, each ratio the median of the rounds' ratios, so the
+machine's drift cancels. `make bench` calls `rows` and `summary_lines` (bench/run.py); run
+alone, this starts its own one-worker server.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import statistics
-import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import orjson
+
+from bench.common import Server, interleaved, median_ratio
 
 DIMS = (64, 100, 100, 10)
 EXAMPLES, BATCH, STEPS, LR, SEED = 512, 64, 200, 0.1, 0
@@ -109,11 +110,10 @@ def rows(url: str, rounds: int = 7) -> list[dict[str, Any]]:
             "torch_1": pytorch_loop(dtype, 1),
             "torch_default": pytorch_loop(dtype, default_threads),
         }
-        times = _rounds(runs, rounds)
+        times = interleaved(runs, rounds)
         torch.set_num_threads(default_threads)
         median = {name: statistics.median(t) for name, t in times.items()}
         baseline = min(("torch_1", "torch_default"), key=median.__getitem__)
-        ratios = [g / b for g, b in zip(times["gradiag"], times[baseline], strict=True)]
         out.append(
             {
                 "dtype": dtype,
@@ -124,25 +124,10 @@ def rows(url: str, rounds: int = 7) -> list[dict[str, Any]]:
                 "torch_default_threads_s": median["torch_default"],
                 "torch_default_threads": default_threads,
                 "baseline": baseline,
-                "ratio": statistics.median(ratios),
+                "ratio": median_ratio(times["gradiag"], times[baseline]),
             }
         )
     return out
-
-
-def _rounds(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Each function once to warm up, then `rounds` rounds of one call each, the order
-    rotated by one every round."""
-    names = list(runs)
-    for name in names:
-        runs[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            started = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - started)
-    return times
 
 
 def summary_lines(results: list[dict[str, Any]]) -> list[str]:
@@ -168,8 +153,6 @@ def main() -> None:
     if args.url:
         results = rows(args.url, args.rounds)
     else:
-        from run import Server  # bench/run.py, beside this file
-
         server = Server(1, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         try:
             results = rows(server.url, args.rounds)
