@@ -34,7 +34,7 @@ import numpy as np
 import orjson
 import requests
 
-from bench import cnn_bench
+from bench import cnn_bench, training_bench
 from bench.common import Server, interleaved, median_ratio, peak_rss, post
 from gradiag.client.packed import pack, unpack
 
@@ -672,6 +672,7 @@ def summary(results: dict[str, Any]) -> str:
             f"| tensors {row['tensor_bytes'] / 2**20:.0f} MiB | {row['ratio']:.2f}x | <= 1.5x "
             f"| {verdict(row['ratio'] <= 1.5)} |"
         )
+    lines += training_bench.summary_lines(results.get("training", []))
     return "\n".join(lines) + "\n"
 
 
@@ -722,6 +723,8 @@ def main() -> None:
                 row = bench_scalar(big.url, default.url, size, kind, n)
                 print(row, flush=True)
                 results["scalar"].append(row)
+        results["training"] = training_bench.rows(default.url, reps)
+        print(results["training"], flush=True)
     finally:
         big.close()
         default.close()

@@ -56,6 +56,11 @@ class Thresholds:
     vanishing_ratio: float = 1e-3
     # a gradient norm (graph: of an input or param; network: of a layer's W) above this
     exploding_norm: float = 1e3
+    # training (engine/training.py): a layer's median ||lr * v|| / ||W|| above `high` or below
+    # `low` warns (CS231n: about 1e-3); a loss above `diverged_factor` x its start fails
+    update_ratio_high: float = 1e-2
+    update_ratio_low: float = 1e-5
+    diverged_factor: float = 10.0
 
 
 class Finding(NamedTuple):

@@ -98,11 +98,19 @@ def check_deadline(deadline: float | None) -> None:
 
 
 def run(
-    program: Program, output_grad: Array | None = None, *, deadline: float | None = None
+    program: Program,
+    output_grad: Array | None = None,
+    *,
+    leaves: Mapping[int, Array] | None = None,
+    deadline: float | None = None,
 ) -> Result:
     """One forward and one backward pass. `deadline` (a `time.monotonic()` value) is checked
-    between levels and before every single node (one may be a big matmul)."""
-    values, caches = forward(program, deadline=deadline)
+    between levels and before every single node (one may be a big matmul). `leaves` (tensor
+    values by row, of the compiled shapes and dtype) replace those leaves' values for this
+    run only: a training loop sets each step's minibatch and weights on the one program it
+    compiled, with no copy of the program."""
+    tensors = None if leaves is None else {**program.tensors, **leaves}
+    values, caches = forward(program, tensors=tensors, deadline=deadline)
     return backward(program, values, caches, output_grad, deadline=deadline)
 
 
@@ -156,7 +164,7 @@ def _forward_level(
 
 def _forward_single(program: Program, group: Group, values: Slots, caches: dict[int, Any]) -> None:
     row = group.row
-    args = [values[j] for j in program.inputs(row)]
+    args = [values[j] for j in group.inputs]
     try:
         out, caches[row] = group.op.forward(*args, **group.attrs)
     except EngineError as err:
@@ -340,7 +348,7 @@ class _Walk:
         if not shape and dout == 0 and not self.live()[group.start]:
             return  # a scalar node nothing reached (its slot was 0 from the start)
         op, cache = group.op, self.caches[row]
-        operands = program.inputs(row)
+        operands = group.inputs
         wanted = tuple(program.has_grad(j) for j in operands)
         local = op.backward(dout, cache, wanted) if op.takes_needs else op.backward(dout, cache)
         for j, d, needed in zip(operands, local, wanted, strict=True):

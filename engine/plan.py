@@ -31,13 +31,15 @@ from gradiag.engine.ops import OPS, Array, Op
 @dataclass(slots=True)
 class Group:
     """Plan positions [start, stop) of one op and attrs. A single group holds one node,
-    `row`; a batched one runs its nodes as one call (`row` is -1)."""
+    `row`, and its operand rows, `inputs` (read on every run); a batched one runs its nodes
+    as one call (`row` is -1)."""
 
     op: Op
     attrs: Mapping[str, Any]
     start: int
     stop: int
     row: int = -1
+    inputs: tuple[int, ...] = ()
 
     @property
     def batched(self) -> bool:
@@ -138,7 +140,9 @@ def make_plan(
     edge_bounds = np.searchsorted(inner_edges.consumer, bounds).tolist()
     leaf_bounds = np.searchsorted(leaf_edges.consumer, bounds).tolist()
     distinct = _distinct_by_level(level_of[inner_edges.consumer], inner_edges.target, levels)
-    groups, first_group = _groups(ops_order, level_of, kind_of, kinds_of, names, codes, attrs)
+    groups, first_group = _groups(
+        ops_order, level_of, kind_of, kinds_of, names, codes, attrs, operands
+    )
     plan_levels = []
     for k in range(len(bounds) - 1):
         start, stop = bounds[k], bounds[k + 1]
@@ -220,6 +224,7 @@ def _groups(
     names: Sequence[str],
     codes: Array,
     attrs: Sequence[Mapping[str, Any]],
+    operands: Array,
 ) -> tuple[list[Group], list[int]]:
     """The groups in plan order (runs of one batched kind within a level, and each single
     node alone), and the index of each level's first group (then their count)."""
@@ -246,7 +251,8 @@ def _groups(
         else:
             single = op_of[code]
             assert single is not None  # an op row
-            groups.append(Group(single, attrs[row], start, stop, row))
+            inputs = tuple(operands[: single.arity, row].tolist())
+            groups.append(Group(single, attrs[row], start, stop, row, inputs))
     level_starts = np.flatnonzero(np.concatenate(([True], level_of[1:] != level_of[:-1])))
     return groups, [*np.searchsorted(starts, level_starts).tolist(), len(groups)]
 

@@ -116,6 +116,21 @@ class Thresholds(WireModel):
     exploding_norm: float = Field(
         DEFAULTS.exploding_norm, gt=0.0, description="a gradient norm above this warns"
     )
+    update_ratio_high: float = Field(
+        DEFAULTS.update_ratio_high,
+        gt=0.0,
+        description="training: a layer's median ||lr * update|| / ||W|| above this warns",
+    )
+    update_ratio_low: float = Field(
+        DEFAULTS.update_ratio_low,
+        ge=0.0,
+        description="training: a layer's median ||lr * update|| / ||W|| below this warns",
+    )
+    diverged_factor: float = Field(
+        DEFAULTS.diverged_factor,
+        gt=1.0,
+        description="training: a loss above this many times its start (or not finite) fails",
+    )
 
 
 class Finding(BaseModel):

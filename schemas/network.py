@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gradiag.engine.network import ACTIVATION_OPS, BATCHNORM_MODES, DTYPES, INIT_SCALES, LOSS_OPS
 from gradiag.schemas.common import (
@@ -169,6 +177,53 @@ class BatchSpec(WireModel):
         return self
 
 
+MAX_RATES = 16  # learning rates in one sweep
+MAX_STEPS = 100_000
+MAX_RECORDED_STEPS = 10_000  # per run: bounds the answer (steps / record_every)
+LearningRate = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+# a number or a list: an error's loc reads ["train", "lr", "number"] or ["train", "lr", "list", k]
+LearningRates = Annotated[
+    Union[  # noqa: UP007
+        Annotated[LearningRate, Tag("number")],
+        Annotated[list[LearningRate], Field(min_length=1, max_length=MAX_RATES), Tag("list")],
+    ],
+    Discriminator(lambda value: "list" if isinstance(value, list) else "number"),
+]
+
+
+class TrainSpec(WireModel):
+    """The training what-if (docs/training.md): SGD as torch.optim.SGD (v = momentum * v + g,
+    W -= lr * v; g includes the l2 term) on minibatches of the request's batch, drawn without
+    replacement per epoch from `seed`. `lr` a list: one run per rate from the same start."""
+
+    optimizer: Literal["sgd"] = "sgd"
+    lr: LearningRates = Field(description="the learning rate, or a list of them (a sweep)")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
+    steps: int = Field(100, ge=1, le=MAX_STEPS, description="SGD updates per run")
+    batch_size: int | None = Field(
+        None, ge=1, description="examples per step (default: the whole batch, every step)"
+    )
+    seed: Seed = 0
+    record_every: int = Field(
+        1,
+        ge=1,
+        validate_default=True,  # the bound on recorded steps holds for the default too
+        description="record every k-th step (and the last); at most 10,000 per run",
+    )
+
+    @field_validator("record_every")
+    @classmethod
+    def _bounded_record(cls, record_every: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and -(-steps // record_every) > MAX_RECORDED_STEPS:
+            least = -(-steps // MAX_RECORDED_STEPS)
+            raise ValueError(
+                f"{steps} steps recorded every {record_every} make more than "
+                f"{MAX_RECORDED_STEPS} recorded steps; record_every must be at least {least}"
+            )
+        return record_every
+
+
 class NetworkRequest(WireModel):
     """A network of dense and convolutional layers, lowered to a graph of the engine's ops."""
 
@@ -194,8 +249,10 @@ class NetworkRequest(WireModel):
         0.0, ge=0.0, allow_inf_nan=False, description="adds 0.5 * l2 * sum(W^2) over every W"
     )
     l2_biases: bool = Field(False, description="the l2 term penalises every b too")
-    include: Annotated[list[Literal["gradients"]], FAIL_FAST] = Field(
-        default_factory=list, description='"gradients": add `nodes`, as in /v1/graph'
+    include: Annotated[list[Literal["gradients", "histograms"]], FAIL_FAST] = Field(
+        default_factory=list,
+        description='"gradients": add `nodes`, as in /v1/graph; "histograms": each layer\'s '
+        "64-bin histograms of z, a, dz and dW (and at every recorded training step)",
     )
     explain: bool = Field(
         False,
@@ -205,6 +262,9 @@ class NetworkRequest(WireModel):
     dtype: Dtype = "float64"
     thresholds: Thresholds = Thresholds()
     tensors: Tensors = "full"
+    train: TrainSpec | None = Field(
+        None, description="train the network with SGD and report what happens (training)"
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> NetworkRequest:
@@ -238,6 +298,24 @@ class GradNorms(BaseModel):
     z: Number | None = Field(None, description="||d loss / d z||, z the pre-activation")
 
 
+class HistogramReport(BaseModel):
+    range: list[float] = Field(
+        description="[lo, hi]: 64 equal bins, fixed per layer and quantity from the single "
+        "pass of the initial weights ([min, max] of its finite values)"
+    )
+    counts: list[int] = Field(description="values per bin (the last bin includes hi)")
+    below: int = Field(description="finite values below lo")
+    above: int = Field(description="finite values above hi")
+    nonfinite: int = Field(description="NaN and Infinity values")
+
+
+class LayerHistograms(BaseModel):
+    z: HistogramReport | None = Field(None, description="the pre-activation")
+    a: HistogramReport | None = Field(None, description="the activation (the layer's output)")
+    dz: HistogramReport | None = Field(None, description="d loss / d z")
+    dW: HistogramReport | None = Field(None, description="d loss / d W")
+
+
 class LayerReport(BaseModel):
     index: int = Field(description="1-based; the input layer is not counted")
     type: str = Field(description="dense, conv2d, maxpool2d, avgpool2d, batchnorm, flatten")
@@ -268,6 +346,63 @@ class LayerReport(BaseModel):
     grad_norm: GradNorms
     update_ratio: Number | None = Field(None, description="||dW|| / ||W||; null when ||W|| is 0")
     status: Literal["ok", "warn", "fail"] = Field(description="the worst finding at this layer")
+    histograms: LayerHistograms | None = Field(None, description='with include ["histograms"]')
+
+
+# --- training (docs/training.md) ---------------------------------------------------------
+
+
+class TrainingLayer(BaseModel):
+    index: int = Field(description="the layer (1-based), one with weights or a gated activation")
+    dead_units: int = Field(description="on this step's minibatch, before the update")
+    saturated_units: int = Field(description="on this step's minibatch, before the update")
+    update_ratio: Number | None = Field(
+        description="||lr * update|| / ||W||, W before the update; null without W, ||W|| = 0 "
+        "or no update (the run stopped at this step)"
+    )
+    histograms: LayerHistograms | None = None
+
+
+class TrainingStep(BaseModel):
+    step: int = Field(description="k: k updates done (0: the initial weights)")
+    loss: Number = Field(description="the total loss on step k's minibatch, before update k")
+    layers: list[TrainingLayer]
+
+
+class UnitEvent(BaseModel):
+    layer: int
+    unit: int = Field(description="0-based unit (a conv layer: filter)")
+    step: int = Field(description="dead (died) or alive (revived) on every minibatch from here")
+
+
+class TrainingRun(BaseModel):
+    lr: float
+    updates: int = Field(description="SGD updates made (steps, unless the run stopped)")
+    stopped_at: int | None = Field(description="the step whose loss was not finite, if any")
+    steps: list[TrainingStep] = Field(description="every record_every-th step, and the last")
+    died: list[UnitEvent] = Field(description="alive at the start, dead at the end")
+    revived: list[UnitEvent] = Field(description="dead at the start, alive at the end")
+
+
+class SweepRun(TrainingRun):
+    final: NetworkResponse = Field(description="the report of this run's final weights")
+
+
+class SweepRow(BaseModel):
+    lr: float
+    status: Literal["ok", "warn", "fail"]
+    loss: Number = Field(description="the final weights' loss on the whole batch")
+    dead_fraction: list[float] = Field(description="per layer of the table's `layers`")
+
+
+class SweepTable(BaseModel):
+    layers: list[int] = Field(description="the relu and leaky_relu layers")
+    rows: list[SweepRow]
+
+
+class TrainingSweep(BaseModel):
+    runs: list[SweepRun]
+    table: SweepTable
 
 
 class NetworkResponse(BaseModel):
@@ -292,3 +427,11 @@ class NetworkResponse(BaseModel):
     nodes: dict[str, NodeReport] | None = Field(
         None, description='with include ["gradients"]: every lowered node, as in /v1/graph'
     )
+    training: TrainingRun | TrainingSweep | None = Field(
+        None,
+        description="with `train`: the record of the run (the report is the final weights'); "
+        "with a list of rates, every run (the report is the initial weights')",
+    )
+
+
+SweepRun.model_rebuild()

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Protocol
 
 import numpy as np
 from flask import Flask, Response, current_app, g, request
@@ -86,10 +87,16 @@ class AnswerPlan:
     body_bytes: int = 0
 
 
-def estimate(program: Program, plan: AnswerPlan) -> Estimate:
-    """The answer's bytes and the peak memory of running `program` and answering `plan`."""
+def estimate(
+    program: Program, plan: AnswerPlan, added: Callable[[int], int] | None = None
+) -> Estimate:
+    """The answer's bytes and the peak memory of running `program` and answering `plan`;
+    `added`: what the answer holds beside one report, given that report's bytes (a network's
+    histograms, a training's runs: service/training.py)."""
     sizes = _Sizes.of(program)
     full, summary = _answer_bytes(sizes, plan, "full"), _answer_bytes(sizes, plan, "summary")
+    if added is not None:
+        full, summary = full + added(full), summary + added(summary)
     answer = full if plan.tensors == "full" else summary
     return Estimate(
         answer_bytes=answer,
@@ -324,13 +331,19 @@ def check_answer(encoded: bytes, settings: Settings) -> None:
         )
 
 
-def budget_check(plan: AnswerPlan, *, field: str = "tensors") -> Callable[[Program], None]:
+class Budget(Protocol):
+    """Checks a compiled program's answer and memory (and takes its peak from the ledger)."""
+
+    def __call__(self, program: Program, added: Callable[[int], int] | None = None) -> None: ...
+
+
+def budget_check(plan: AnswerPlan, *, field: str = "tensors") -> Budget:
     """What a view hands to the front end: check the compiled program's estimate, then take
     its peak from the worker's ledger (released when the answer is sent)."""
     settings: Settings = current_app.config["GRADIAG"]
 
-    def check_program(program: Program) -> None:
-        found = estimate(program, plan)
+    def check_program(program: Program, added: Callable[[int], int] | None = None) -> None:
+        found = estimate(program, plan, added)
         check(found, settings, field=field)
         hold(found.peak_bytes)
 

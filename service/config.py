@@ -77,6 +77,8 @@ class Settings:
     max_layers: int = 64
     max_units: int = 16_384
     max_batch: int = 65_536
+    # POST /v1/network with `train`: runs x steps x estimated FLOPs per step (docs/training.md)
+    max_training_flops: int = 100_000_000_000
     # wall-clock seconds one request may take once its headers are in: body, parse, engine,
     # report, picture, all against one deadline; over it a 422 naming time_budget_seconds.
     # Start-up refuses a graceful_timeout or timeout that would not cover it (`check`).

@@ -5,13 +5,14 @@ the report is shaped from that one run."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app, g
 
 from gradiag.engine import EngineError, LimitError, Program, Result, run
+from gradiag.engine.histograms import Histogram, layer_histograms, layer_ranges
 from gradiag.engine.network import (
     Batch,
     BatchNorm,
@@ -33,6 +34,7 @@ from gradiag.engine.network import (
     with_leaves,
 )
 from gradiag.engine.tensors import to_array, to_wire
+from gradiag.engine.training import Pass, train
 from gradiag.schemas.network import (
     BatchNormLayer,
     Conv2dLayer,
@@ -42,13 +44,20 @@ from gradiag.schemas.network import (
     PoolLayer,
 )
 from gradiag.service.body import parse_body
-from gradiag.service.budget import AnswerPlan, budget_check
+from gradiag.service.budget import AnswerPlan, Budget, budget_check
 from gradiag.service.config import Settings
 from gradiag.service.deadline import check_request_deadline, request_deadline
 from gradiag.service.errors import ProblemError, engine_problem
 from gradiag.service.frontend import engine_limits, engine_thresholds
 from gradiag.service.metrics import ReportSummary
 from gradiag.service.report import health, node_reports
+from gradiag.service.training import (
+    engine_training,
+    histograms_report,
+    report_histogram_bytes,
+    training_answer,
+    training_answer_bytes,
+)
 
 
 def network_spec(request: NetworkRequest) -> NetworkSpec:
@@ -119,24 +128,32 @@ class DiagnosedNetwork:
     spec: NetworkSpec
     result: Result
     diagnostics: NetworkDiagnostics
+    histograms: Sequence[Mapping[str, Histogram]] | None = None  # per layer, when asked
 
 
 def diagnose_network(
     request: NetworkRequest,
     limits: NetworkLimits,
     deadline: float | None = None,
-    budget: Callable[[Program], None] | None = None,
+    budget: Budget | None = None,
 ) -> DiagnosedNetwork:
     """Check, compile (the limits: nothing drawn yet), draw the leaves, run once, read the
-    health."""
+    health (and, asked for, the histograms, over this pass's own ranges)."""
     spec = network_spec(request)
-    check_network(spec)
+    stages = check_network(spec)
     program = compile_network(spec, limits, gradients="gradients" in request.include)
+    histograms = "histograms" in request.include
     if budget is not None:  # the answer and memory, from the shapes (service/budget.py)
-        budget(program)
+        added = report_histogram_bytes(stages, spec.batch_size) if histograms else 0
+        budget(program, lambda _: added)
     result = run(with_leaves(program, leaf_values(spec)), deadline=deadline)
     diagnostics = network_diagnostics(result, spec, engine_thresholds(request.thresholds))
-    return DiagnosedNetwork(spec, result, diagnostics)
+    layers = None
+    if histograms:
+        index = {node: i for i, node in enumerate(program.node_ids())}
+        names = [stage.name for stage in stages]
+        layers = layer_histograms(result, index, names, layer_ranges(result, index, names))
+    return DiagnosedNetwork(spec, result, diagnostics, layers)
 
 
 def network_report_of_request(*, picture: bool = False) -> dict[str, Any]:
@@ -150,6 +167,8 @@ def network_report_of_request(*, picture: bool = False) -> dict[str, Any]:
     )
     budget = budget_check(plan, field="include")
     try:
+        if request.train is not None:
+            return trained_report(request, settings, budget, gradients=gradients)
         done = diagnose_network(request, network_limits(settings), request_deadline(), budget)
     except EngineError as err:
         raise network_problem(err) from None
@@ -158,6 +177,45 @@ def network_report_of_request(*, picture: bool = False) -> dict[str, Any]:
     return network_report(
         done, gradients=gradients, explain=request.explain, tensors=request.tensors
     )
+
+
+def trained_report(
+    request: NetworkRequest, settings: Settings, budget: Budget, *, gradients: bool
+) -> dict[str, Any]:
+    """`train`: every run (engine.training), then the answer (service.training). The whole
+    answer (every run's records, a sweep's reports) is estimated before the first step."""
+    assert request.train is not None
+    spec = network_spec(request)
+    stages = check_network(spec)
+    histograms = "histograms" in request.include
+    training = engine_training(request.train, spec.batch_size, histograms=histograms)
+    per_report = report_histogram_bytes(stages, spec.batch_size) if histograms else 0
+
+    def check_answer(program: Program) -> None:
+        budget(program, lambda report: training_answer_bytes(training, stages, report + per_report))
+
+    outcome = train(
+        spec,
+        training,
+        stages,
+        network_limits(settings),
+        engine_thresholds(request.thresholds),
+        gradients=gradients,
+        max_training_flops=settings.max_training_flops,
+        deadline=request_deadline(),
+        check=check_answer,
+    )
+
+    def report_of(done: Pass) -> dict[str, Any]:
+        diagnosed = DiagnosedNetwork(spec, done.result, done.diagnostics, done.histograms)
+        return network_report(
+            diagnosed, gradients=gradients, explain=request.explain, tensors=request.tensors
+        )
+
+    sweep = isinstance(request.train.lr, list)
+    headline = outcome.start if sweep else outcome.runs[0].final
+    g.report_summary = report_summary(DiagnosedNetwork(spec, headline.result, headline.diagnostics))
+    return training_answer(outcome, report_of, sweep=sweep)
 
 
 def network_problem(err: EngineError) -> ProblemError:
@@ -192,6 +250,9 @@ def network_report(
         "signal_ratio": None if d.signal_ratio is None else to_wire(d.signal_ratio),
         "health": health(d.findings, d.status),
     }
+    if done.histograms is not None:
+        for entry, histograms in zip(report["layers"], done.histograms, strict=True):
+            entry["histograms"] = histograms_report(histograms)
     if gradients:
         report["nodes"] = node_reports(done.result, explain=explain, tensors=tensors)
     return report

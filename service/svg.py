@@ -34,6 +34,9 @@ from xml.sax.saxutils import escape, quoteattr
 
 import orjson
 
+from gradiag.service.timeline import STYLE as TIMELINE_STYLE
+from gradiag.service.timeline import timeline_svg
+
 log = logging.getLogger("gradiag.svg")
 
 MAX_DRAWN_NODES = 200
@@ -114,6 +117,8 @@ class Drawing:
     wires: list[Wire]
     notes: list[str] = field(default_factory=list)
     findings: list[Mapping[str, Any]] = field(default_factory=list)
+    # a plot below the boxes (the training timeline): SVG markup at (0, 0), width, height
+    appendix: tuple[str, float, float] | None = None
 
 
 @dataclass
@@ -600,8 +605,9 @@ def render(drawing: Drawing, placed: Layout) -> str:
     notes_h = LINE_H * len(drawing.notes)
     longest = max((len(_finding_text(f)) for f in drawing.findings), default=0)
     longest = max([longest, *(len(note) for note in drawing.notes)])
-    width = max(placed.width + 2 * MARGIN, longest * 6.2 + 70, 640.0)
-    height = HEADER_H + notes_h + placed.height + 2 * MARGIN + findings_h
+    plot_w, plot_h = drawing.appendix[1:] if drawing.appendix else (0.0, 0.0)
+    width = max(placed.width + 2 * MARGIN, longest * 6.2 + 70, 640.0, plot_w + 2 * MARGIN)
+    height = HEADER_H + notes_h + placed.height + 2 * MARGIN + findings_h + plot_h
     top = HEADER_H + notes_h + MARGIN
     out = [
         '<svg xmlns="http://www.w3.org/2000/svg" '
@@ -633,7 +639,13 @@ def render(drawing: Drawing, placed: Layout) -> str:
         if not box.point:
             out.append(_box_svg(box, placed.centres[box.key]))
     out.append("</g></g>")
-    out.append(_findings_svg(drawing.findings, top + placed.height + MARGIN))
+    if drawing.appendix:
+        out.append(f"<style>{TIMELINE_STYLE}</style>")
+        out.append(
+            f'<g transform="translate({MARGIN},{top + placed.height + MARGIN:.0f})">'
+            f"{drawing.appendix[0]}</g>"
+        )
+    out.append(_findings_svg(drawing.findings, top + placed.height + MARGIN + plot_h))
     out.append("</svg>")
     return xml_safe("\n".join(out) + "\n")
 
@@ -714,5 +726,15 @@ def graph_svg(report: Mapping[str, Any], *, deadline: float | None = None) -> st
 def network_svg(
     report: Mapping[str, Any], input_dim: int | None = None, *, deadline: float | None = None
 ) -> str:
+    """The layer chain; with `train`, the training timeline below it (service.timeline)."""
     drawing = network_drawing(report, input_dim)
+    drawing.appendix = timeline_svg(report)
+    training = report.get("training")
+    if training:
+        runs = training.get("runs") or [training]
+        rates = ", ".join(f"{run['lr']:g}" for run in runs)
+        which = (
+            "initial weights (the start of every run)" if "runs" in training else "final weights"
+        )
+        drawing.notes.append(f"trained at lr {rates}; the layers show the {which}")
     return render(drawing, layout(drawing, deadline))

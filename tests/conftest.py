@@ -16,8 +16,13 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from gradiag.service import create_app
-from gradiag.service.config import Settings
+# One BLAS thread, as every gunicorn worker has (service/gunicorn_conf.py), set before NumPy
+# loads OpenBLAS: its threads make the small matmuls of a training step several times slower.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from gradiag.service import create_app  # noqa: E402  (after the variables above)
+from gradiag.service.config import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -151,6 +151,33 @@ def test_the_limits_are_checked_before_the_engine_runs(
     assert client.post("/v1/graph", json=broadcast_bomb()).status_code == 422
 
 
+TRAINED = {
+    "input_dim": 16,
+    "layers": [{"units": 64}, {"units": 64}, {"units": 4, "activation": "linear"}],
+    "loss": "softmax_cross_entropy",
+    "batch": {"random": {"size": 64, "seed": 0}},
+    "include": ["histograms"],
+}
+
+
+def test_a_training_answer_over_the_limit_is_refused_before_the_first_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every run's recorded steps and histograms count: the network alone fits in 200 kB,
+    200 recorded steps with histograms at four rates do not, and nothing is trained."""
+    from gradiag.engine import training
+
+    client = create_app(Settings(max_response_bytes=200_000), TESTING=True).test_client()
+    assert client.post("/v1/network", json=TRAINED).status_code == 200
+    monkeypatch.setattr(training, "leaf_values", lambda spec: pytest.fail("weights drawn"))
+    sweep = {"lr": [0.01, 0.1, 1.0, 2.0], "steps": 200, "record_every": 1}
+    r = client.post("/v1/network", json={**TRAINED, "train": sweep})
+    assert r.status_code == 422, r.data[:300]
+    doc = r.get_json()
+    assert doc["limit"] == "max_response_bytes"
+    assert doc["errors"][0]["loc"] == ["include"]
+
+
 # --- the estimates against what requests really cost --------------------------------------
 
 RNG = np.random.default_rng(0)

@@ -27,7 +27,14 @@ EXAMPLES = int(os.environ.get("GRADIAG_FUZZ_EXAMPLES", "40"))
 DERANDOMIZE = "GRADIAG_FUZZ_EXAMPLES" not in os.environ  # CI: the same examples every run
 
 # Small limits keep generated graphs cheap; the answers (413/422) are part of the contract.
-app = create_app(Settings(max_body_bytes=256 * 1024, max_flops=10**8, time_budget_seconds=5))
+app = create_app(
+    Settings(
+        max_body_bytes=256 * 1024,
+        max_flops=10**8,
+        max_training_flops=10**9,
+        time_budget_seconds=5,
+    )
+)
 schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
 
 

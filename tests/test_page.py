@@ -218,3 +218,38 @@ def test_page_runs_a_conv_net_example_against_the_live_service(page: Any) -> Non
     assert label == "layer1 conv2d relu"
     table = page.inner_text("#layer-table")
     assert "conv2d" in table and "4×12×12" in table and "maxpool2d" in table and "4×6×6" in table
+
+
+def test_page_draws_the_training_timeline_of_a_sweep(
+    page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The training example against the live service: one line per learning rate and relu
+    layer, ending where the answer's table ends; the table lists the four rates."""
+    status = run_example(page, "Training sweep")
+    assert status.startswith("/v1/network: "), status
+    lines = page.locator("#timeline polyline.series")
+    assert lines.count() == 8  # 4 rates x 2 relu layers
+    found = {
+        (lines.nth(i).get_attribute("data-lr"), lines.nth(i).get_attribute("data-layer"))
+        for i in range(8)
+    }
+    assert found == {(lr, layer) for lr in ("0.1", "0.5", "1", "2") for layer in ("1", "2")}
+    points = lines.first.get_attribute("points") or ""
+    assert len(points.split()) == 51  # steps 0, 2, ..., 98 and the last, 99
+    table = page.inner_text("#training-table")
+    rows = [row for row in table.splitlines() if row.strip()[:1].isdigit()]
+    assert len(rows) == 4 and "dead layer1" in table
+
+    def last(lr: str) -> float:
+        selector = f'#timeline polyline[data-lr="{lr}"][data-layer="1"]'
+        return float(page.get_attribute(selector, "data-last") or "nan")
+
+    assert last("2") > last("0.1")  # the seed's claim, on the page's own small set-up
+    shot = tmp_path_factory.mktemp("page") / "training.png"
+    page.locator("#training-section").screenshot(path=str(shot))
+    assert shot.stat().st_size > 1000
+
+
+def test_page_hides_the_timeline_without_training(page: Any) -> None:
+    assert run_example(page, "Network: 3 -> relu").startswith("/v1/network: ")
+    assert page.locator("#training-section").is_hidden()

@@ -25,6 +25,40 @@
     return { nodes: nodes, output: prev };
   }
 
+  /** A seeded uniform [0, 1) generator (mulberry32): the same example on every load. */
+  function mulberry32(seed) {
+    let a = seed >>> 0;
+    return function () {
+      a = (a + 0x6d2b79f5) >>> 0;
+      let t = a;
+      t = Math.imul(t ^ (t >>> 15), t | 1);
+      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+  }
+
+  /** The seed's dead-ReLU set-up, small: inputs in [0, 1), random labels, SGD at four
+   * learning rates from the same He start (docs/training.md). */
+  function trainingSweep() {
+    const rand = mulberry32(7);
+    const x = [];
+    const y = [];
+    for (let i = 0; i < 128; i++) {
+      const row = [];
+      for (let j = 0; j < 16; j++) row.push(Math.round(rand() * 1000) / 1000);
+      x.push(row);
+      y.push(Math.floor(rand() * 4));
+    }
+    return {
+      input_dim: 16,
+      layers: [{ units: 64 }, { units: 64 }, { units: 4, activation: "linear" }],
+      loss: "softmax_cross_entropy",
+      init: { scheme: "he", seed: 0 },
+      batch: { x: x, y: y },
+      train: { lr: [0.1, 0.5, 1.0, 2.0], steps: 100, batch_size: 32, seed: 0, record_every: 2 },
+    };
+  }
+
   const EXAMPLES = [
     {
       name: "CS231n example 1: (x + y) * z (expression)",
@@ -113,6 +147,10 @@
         init: { scheme: "he", seed: 0 },
         batch: { random: { size: 8, seed: 0 } },
       },
+    },
+    {
+      name: "Training sweep: SGD at lr 0.1, 0.5, 1, 2 for 100 steps (dead ReLUs over time)",
+      body: trainingSweep(),
     },
     { name: "Large graph: a 300-node tanh/sigmoid chain (collapsed)", body: chain(300) },
   ];
@@ -486,6 +524,113 @@
     return typeof v === "number" ? (100 * v).toFixed(0) + "%" : "";
   }
 
+  // --- training: the timeline (the same plot as service/timeline.py) ------------------
+
+  const COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+  const DASHES = ["", "6 3", "2 3", "8 3 2 3"];
+
+  /** One line per (learning rate, relu layer): its dead fraction at each recorded step. */
+  function timelineSeries(report) {
+    const training = report.training;
+    if (!training) return [];
+    const runs = training.runs || [training];
+    const units = {};
+    for (const layer of report.layers || []) {
+      if ((layer.activation === "relu" || layer.activation === "leaky_relu") && layer.units) {
+        units[layer.index] = layer.units;
+      }
+    }
+    const series = [];
+    for (const run of runs) {
+      for (const index of Object.keys(units).map(Number)) {
+        const points = [];
+        for (const step of run.steps || []) {
+          for (const entry of step.layers || []) {
+            if (entry.index === index) points.push([step.step, entry.dead_units / units[index]]);
+          }
+        }
+        series.push({ lr: run.lr, layer: index, points: points });
+      }
+    }
+    return series;
+  }
+
+  function niceTicks(last) {
+    let spacing = 1;
+    while (last / spacing > 5) spacing = String(spacing)[0] === "2" ? spacing * 5 / 2 : spacing * 2;
+    const ticks = [];
+    for (let t = 0; t <= last; t += spacing) ticks.push(t);
+    return ticks;
+  }
+
+  function drawTimeline(svg, report) {
+    clear(svg);
+    const series = timelineSeries(report);
+    const left = 48;
+    const top = 12;
+    const plotW = 560;
+    const plotH = 200;
+    const legendTop = top + plotH + 40;
+    const width = left + plotW + 260;
+    const height = legendTop + Math.ceil(series.length / 2) * 16 + 8;
+    svg.setAttribute("width", width);
+    svg.setAttribute("height", height);
+    svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+    const rates = [...new Set(series.map((s) => s.lr))];
+    const layers = [...new Set(series.map((s) => s.layer))];
+    let last = 1;
+    for (const s of series) for (const [step] of s.points) last = Math.max(last, step);
+    const x = (step) => left + (step / last) * plotW;
+    const y = (fraction) => top + (1 - fraction) * plotH;
+    for (const t of [0, 0.25, 0.5, 0.75, 1]) {
+      svg.appendChild(el("line", { class: "gridline", x1: left, x2: left + plotW, y1: y(t), y2: y(t) }));
+      svg.appendChild(el("text", { class: "tick", x: left - 6, y: y(t) + 3, "text-anchor": "end" },
+        Math.round(t * 100) + "%"));
+    }
+    for (const step of niceTicks(last)) {
+      svg.appendChild(el("text", { class: "tick", x: x(step), y: top + plotH + 14, "text-anchor": "middle" },
+        String(step)));
+    }
+    svg.appendChild(el("text", { class: "tick", x: left + plotW / 2, y: top + plotH + 30,
+      "text-anchor": "middle" }, "step"));
+    svg.appendChild(el("line", { class: "axis", x1: left, x2: left, y1: top, y2: top + plotH }));
+    svg.appendChild(el("line", { class: "axis", x1: left, x2: left + plotW, y1: top + plotH, y2: top + plotH }));
+    series.forEach((s, i) => {
+      const colour = COLOURS[rates.indexOf(s.lr) % COLOURS.length];
+      const dash = DASHES[layers.indexOf(s.layer) % DASHES.length];
+      const final = s.points.length ? s.points[s.points.length - 1][1] : 0;
+      const attrs = { class: "series", "data-lr": String(s.lr), "data-layer": String(s.layer),
+        "data-last": String(final), stroke: colour,
+        points: s.points.map(([step, f]) => x(step).toFixed(1) + "," + y(f).toFixed(1)).join(" ") };
+      if (dash) attrs["stroke-dasharray"] = dash;
+      svg.appendChild(el("polyline", attrs));
+      const lx = left + (i % 2) * 300;
+      const ly = legendTop + Math.floor(i / 2) * 16;
+      const key = { x1: lx, x2: lx + 28, y1: ly, y2: ly, stroke: colour, "stroke-width": 1.8 };
+      if (dash) key["stroke-dasharray"] = dash;
+      svg.appendChild(el("line", key));
+      svg.appendChild(el("text", { class: "legend-text", x: lx + 34, y: ly + 4 },
+        "lr " + s.lr + " · layer" + s.layer + ": " + Math.round(final * 100) + "% dead"));
+    });
+  }
+
+  function showTraining(report) {
+    const section = document.getElementById("training-section");
+    section.hidden = !report.training;
+    if (!report.training) return;
+    drawTimeline(document.getElementById("timeline"), report);
+    const table = report.training.table;
+    const runs = report.training.runs || [report.training];
+    const dying = table ? table.layers : [];
+    const rows = table
+      ? table.rows.map((r) => [r.lr, r.status, fmtNumber(r.loss)].concat(r.dead_fraction.map(pct)))
+      : [[report.training.lr, report.health.status, fmtNumber(report.loss)]];
+    const runCells = runs.map((run) => [run.updates, run.died.length, run.revived.length]);
+    fillTable(document.getElementById("training-table"), "final weights per learning rate",
+      ["lr", "status", "loss"].concat(dying.map((i) => "dead layer" + i), ["updates", "died", "revived"]),
+      rows.map((row, i) => row.concat(runCells[i])));
+  }
+
   // --- findings --------------------------------------------------------------------------
 
   function showFindings(health) {
@@ -588,6 +733,7 @@
           fmtNumber(l.grad_norm && l.grad_norm.W), fmtNumber(l.grad_norm && l.grad_norm.b),
         ]));
     }
+    showTraining(isNetwork ? report : {});
     const nodes = report.nodes || {};
     const hasEdges = Object.values(nodes).some((n) => Array.isArray(n.inputs));
     graphSection.hidden = !hasEdges;
