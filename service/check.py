@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import requests
 from pydantic import ValidationError
 
 from gradiag.client import Answer, Client, GradiagError, GradiagUnavailable, decode
@@ -320,15 +320,15 @@ class InProcess:
         settings = dataclasses.replace(settings, log_level="critical", api_token=None)
         self._client = create_app(settings).test_client()
 
-    def post(self, path: str, body: bytes) -> Answer:
-        response = self._client.post(path, data=body, content_type="application/json")
+    def post(self, path: str, body: bytes, content_type: str = "application/json") -> Answer:
+        response = self._client.post(path, data=body, content_type=content_type)
         return Answer(response.status_code, response.content_type or "", response.get_data())
 
     def post_parts(self, path: str, parts: Mapping[str, Part]) -> Answer:
-        data = {name: (io.BytesIO(content), filename, kind)
-                for name, (filename, content, kind) in parts.items()}  # fmt: skip
-        response = self._client.post(path, data=data, content_type="multipart/form-data")
-        return Answer(response.status_code, response.content_type or "", response.get_data())
+        """The multipart body encoded as the client encodes it (requests), in memory."""
+        prepared = requests.Request("POST", f"http://in-process{path}", files=parts).prepare()
+        body = prepared.body if isinstance(prepared.body, bytes) else b""
+        return self.post(path, body, content_type=prepared.headers["Content-Type"])
 
 
 class Remote:
