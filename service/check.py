@@ -328,7 +328,7 @@ class InProcess:
         """The multipart body encoded as the client encodes it (requests), in memory."""
         prepared = requests.Request("POST", f"http://in-process{path}", files=parts).prepare()
         body = prepared.body if isinstance(prepared.body, bytes) else b""
-        return self.post(path, body, content_type=prepared.headers["Content-Type"])
+        return self.post(path, body, content_type=str(prepared.headers["Content-Type"]))
 
 
 class Remote:
