@@ -12,8 +12,9 @@ in interleaved rounds (bench/run.py's `interleaved`), float64, softmax cross-ent
 - in process, without HTTP: the ONNX front end (`diagnose_model`) against the network
   front end (`diagnose_network`) on the same arrays, which separates the lowering from the
   transport of a 4 MB JSON batch;
-- PyTorch forward + backward of the exported net (the folded module) in this process,
-  one thread as a gradiag worker has (report only).
+- PyTorch forward + backward of the exported module (eval mode) in this process, one
+  thread as a gradiag worker has (report only). NumPy's BLAS is held to one thread in
+  this process too.
 
     .venv-bench/bin/python bench/onnx_bench.py [--reps 7]     # alone, with its own server
 """
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import requests
 import torch
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
@@ -45,7 +47,8 @@ def _cifar() -> tuple[Any, Any, Any]:
     from bench.oracle import _common as c
 
     model = c.builders().cifar("eval", batch=BATCH)
-    return model, c.build_module(model).module.eval(), c
+    with c.torch_float64():  # built in float64: float32 layers would round the weights
+        return model, c.build_module(model).module.eval(), c
 
 
 def export_onnx(module: torch.nn.Module, x: np.ndarray) -> bytes:
@@ -91,6 +94,7 @@ def onnx_row(url: str, reps: int) -> dict[str, Any]:
     model, module, c = _cifar()
     with c.torch_float64():
         data = export_onnx(module, model.x)
+    assert module.training is False
     body, content_type = multipart(data, model.x, model.y)
     network = c.builders().network_body(model, include=())
     network_bytes = json.dumps(network).encode()
@@ -117,8 +121,9 @@ def onnx_row(url: str, reps: int) -> dict[str, Any]:
     torch.set_num_threads(1)  # as a gradiag worker (OPENBLAS_NUM_THREADS=1)
     try:
         with c.torch_float64():
-            runs["torch"] = torch_step(c.build_module(model).module.eval(), model.x, model.y)
-            times = interleaved(runs, reps, discard=1)
+            runs["torch"] = torch_step(module, model.x, model.y)
+            with threadpool_limits(1):  # NumPy's BLAS as a worker's: one thread
+                times = interleaved(runs, reps, discard=1)
     finally:
         torch.set_num_threads(threads)
     onnx_loss = session.post(url + "/v1/onnx", data=body, headers={"Content-Type": content_type})
