@@ -26,6 +26,7 @@ from gradiag.engine.diagnostics import (
     Reading,
     Thresholds,
     cap_findings,
+    first_to_last,
     is_finite,
     mean_std,
     nonfinite_finding,
@@ -137,7 +138,7 @@ def model_health(result: Result, lowered: Lowered, thresholds: Thresholds) -> Mo
         np.intp,
     )
     weighted = [layer for layer in layers if "W" in layer.grad_norms]
-    ratio, signal = _first_to_last(weighted, "W"), _first_to_last(weighted, "z")
+    ratio, signal = first_to_last(weighted, "W"), first_to_last(weighted, "z")
     findings: list[Finding] = []
     owner = lowered.owner
     if bad.size:
@@ -184,17 +185,6 @@ def _layer_health(
 def _grad_norm(result: Result, row: int) -> float:
     grad = result.grad(row)
     return math.nan if grad is None else norm(grad)
-
-
-def _first_to_last(layers: Sequence[LayerHealth], part: str) -> float | None:
-    """A gradient norm of the first layer with a W over the last one's; None for fewer than
-    two such layers, or a zero or non-finite last."""
-    if len(layers) < 2:
-        return None
-    first, last = layers[0].grad_norms[part], layers[-1].grad_norms[part]
-    if not (math.isfinite(first) and math.isfinite(last)) or last == 0:
-        return None
-    return first / last
 
 
 def _layer_findings(layer: LayerHealth, t: Thresholds, *, finite: bool) -> list[Finding]:

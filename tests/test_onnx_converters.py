@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_ops import ref_conv2d, ref_pool  # the op table's references, by definition
 
 from gradiag.engine.errors import EngineError, ShapeError
 from gradiag.engine.gradcheck import GradcheckOptions, gradcheck
@@ -83,35 +84,6 @@ def normal(*shape: int) -> Array:
     return RNG.standard_normal(shape)
 
 
-def ref_conv(x: Array, W: Array, b: Array | None = None, stride: int = 1, pad: int = 0) -> Array:
-    """ONNX Conv (cross-correlation), written out position by position."""
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    f, _, kh, kw = W.shape
-    ho, wo = (xp.shape[2] - kh) // stride + 1, (xp.shape[3] - kw) // stride + 1
-    out = np.zeros((x.shape[0], f, ho, wo))
-    for i, j in np.ndindex(ho, wo):
-        window = xp[:, :, i * stride : i * stride + kh, j * stride : j * stride + kw]
-        out[:, :, i, j] = np.einsum("nchw,fchw->nf", window, W)
-    return out + (0 if b is None else b.reshape(1, -1, 1, 1))
-
-
-def ref_pool(x: Array, k: int, stride: int, pad: int, average: bool) -> Array:
-    """ONNX MaxPool (padding never wins) and AveragePool (count_include_pad 0: the real
-    cells only)."""
-    fill = 0.0 if average else -np.inf
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=fill)
-    real = np.pad(np.ones(x.shape[2:]), pad)
-    ho, wo = (xp.shape[2] - k) // stride + 1, (xp.shape[3] - k) // stride + 1
-    out = np.zeros((*x.shape[:2], ho, wo))
-    for i, j in np.ndindex(ho, wo):
-        rows, cols = slice(i * stride, i * stride + k), slice(j * stride, j * stride + k)
-        window = xp[:, :, rows, cols]
-        out[:, :, i, j] = (
-            window.sum(axis=(2, 3)) / real[rows, cols].sum() if average else window.max(axis=(2, 3))
-        )
-    return out
-
-
 def ref_batchnorm(x: Array, s: Array, b: Array, mean: Array, var: Array, train: bool) -> Array:
     view = (1, -1, 1, 1)
     if train:
@@ -157,15 +129,17 @@ CASES = [
     Case("Gemm", [node("Gemm", ["x", "W"])], (4, 5), lambda x, W: x @ W, {"W": normal(5, 2)},
          id="no_C"),
     Case("Conv", [node("Conv", ["x", "W", "b"], pads=[1, 1, 1, 1], strides=[2, 2])], IMAGE,
-         lambda x, W, b: ref_conv(x, W, b, stride=2, pad=1),
+         lambda x, W, b: ref_conv2d(x, W, b, stride=[2, 2], padding=[1, 1]),
          {"W": normal(4, 3, 3, 3), "b": normal(4)}),
     Case("Conv", [node("Conv", ["x", "W"], auto_pad="SAME_UPPER")], IMAGE,
-         lambda x, W: ref_conv(x, W, pad=1), {"W": normal(2, 3, 3, 3)}, id="same_no_bias"),
+         lambda x, W: ref_conv2d(x, W, np.zeros(2), stride=[1, 1], padding=[1, 1]),
+         {"W": normal(2, 3, 3, 3)}, id="same_no_bias"),
     Case("MaxPool", [node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
                           pads=[1, 1, 1, 1])], IMAGE,
-         lambda x: ref_pool(x, 3, 2, 1, average=False)),
+         lambda x: ref_pool(x, average=False, kernel=[3, 3], stride=[2, 2], padding=[1, 1])),
     Case("AveragePool", [node("AveragePool", ["x"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
-         IMAGE, lambda x: ref_pool(x, 3, 1, 1, average=True)),
+         IMAGE, lambda x: ref_pool(x, average=True, kernel=[3, 3], stride=[1, 1], padding=[1, 1],
+                                   count_include_pad=False)),
     Case("GlobalAveragePool", [node("GlobalAveragePool", ["x"])], IMAGE,
          lambda x: x.mean(axis=(2, 3), keepdims=True)),
     Case("BatchNormalization", [node("BatchNormalization", ["x", "s", "b", "m", "v"])], IMAGE,
