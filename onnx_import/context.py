@@ -47,6 +47,12 @@ class Lowering:
 
     def start(self, node: OnnxNode) -> None:
         self._current, self._first = node, len(self.nodes)
+        out = node.outputs[0] if node.outputs else ""
+        if not out:
+            self.refuse("the node has no output")
+        if out in self.shapes or out in self.ints:
+            self.refuse(f"its output {out!r} is already a tensor of the graph (ONNX assigns "
+                        "each tensor once)")  # fmt: skip
 
     def finish(self) -> None:
         """The node's first output names its last engine node (or an integer constant);
@@ -75,8 +81,10 @@ class Lowering:
             node=node.name,
         )
 
-    def attr(self, name: str, default: Any = None) -> Any:
-        return self.current.attr(name, default)
+    def attr(self, name: str, default: Any = None, kind: int | None = None) -> Any:
+        """The current node's attribute `name`, checked to be of the default's type (or
+        `kind`): a wrong type is refused at the attribute."""
+        return self.current.attr(name, default, kind)
 
     def pair_attr(self, name: str, default: int, *, minimum: int = 0) -> list[int]:
         """A per-axis attribute of a 2-D window (strides, kernel_shape): two ints."""

@@ -37,11 +37,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import onnx
 
 from gradiag.onnx_import.context import Lowering
 from gradiag.onnx_import.model import tensor_array
 
 Converter = Callable[[Lowering], None]
+INTS = onnx.AttributeProto.INTS
 
 
 def unary(op: str) -> Converter:
@@ -228,16 +230,16 @@ def reshape(ctx: Lowering) -> None:
 
 
 def transpose(ctx: Lowering) -> None:
-    perm = ctx.attr("perm")
+    perm = ctx.attr("perm", kind=INTS)
     ctx.emit("transpose", [ctx.tensor(0)], {"axes": None if perm is None else list(perm)})
 
 
 # Constant's value attributes other than `value` (a tensor), each as an array
-_CONSTANT_VALUES: Mapping[str, Callable[[object], np.ndarray]] = {
-    "value_float": lambda v: np.asarray(v, np.float64),
-    "value_floats": lambda v: np.asarray(v, np.float64),
-    "value_int": lambda v: np.asarray(v, np.int64),
-    "value_ints": lambda v: np.asarray(v, np.int64),
+_CONSTANT_VALUES: Mapping[str, tuple[int, Callable[[object], np.ndarray]]] = {
+    "value_float": (onnx.AttributeProto.FLOAT, lambda v: np.asarray(v, np.float64)),
+    "value_floats": (onnx.AttributeProto.FLOATS, lambda v: np.asarray(v, np.float64)),
+    "value_int": (onnx.AttributeProto.INT, lambda v: np.asarray(v, np.int64)),
+    "value_ints": (INTS, lambda v: np.asarray(v, np.int64)),
 }
 
 
@@ -251,12 +253,13 @@ def constant(ctx: Lowering) -> None:
                    "supported", "attribute")  # fmt: skip
     name = given[0]
     if name == "value":
-        proto = ctx.attr("value")
+        proto = ctx.attr("value", kind=onnx.AttributeProto.TENSOR)
         ctx.check_elements(math.prod(proto.dims), f"Constant node {node.name!r}", node.loc)
-        value = tensor_array(ctx.attr("value"), f"Constant node {node.name!r}'s value",
+        value = tensor_array(proto, f"Constant node {node.name!r}'s value",
                              (*node.loc, "attribute", "value"), node.name)  # fmt: skip
     else:
-        value = _CONSTANT_VALUES[name](ctx.attr(name))
+        kind, convert = _CONSTANT_VALUES[name]
+        value = convert(ctx.attr(name, kind=kind))
     if value.dtype.kind == "f":
         ctx.leaf(node.outputs[0], "const", value.astype(ctx.dtype), node.loc)
     else:
@@ -269,7 +272,7 @@ def reduce(op: str) -> Converter:
 
     def convert(ctx: Lowering) -> None:
         x = ctx.tensor(0)
-        axes = ctx.attr("axes")
+        axes = ctx.attr("axes", kind=INTS)
         if axes is None and ctx.has_input(1):
             axes = ctx.integers(1, "axes").reshape(-1).tolist()
         if not axes and ctx.attr("noop_with_empty_axes", 0):

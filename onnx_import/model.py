@@ -49,6 +49,15 @@ class NotOnnxError(ModelError):
     answers malformed JSON."""
 
 
+# An attribute's expected type, from the type of the default a converter gives for it
+ATTRIBUTE_KINDS: Mapping[type, int] = {
+    float: onnx.AttributeProto.FLOAT,
+    int: onnx.AttributeProto.INT,
+    str: onnx.AttributeProto.STRING,
+    list: onnx.AttributeProto.INTS,
+}
+
+
 @dataclass(frozen=True)
 class OnnxNode:
     """One node of the graph. `name` is the node's own name, or `<op_type>#<index>` when the
@@ -65,14 +74,24 @@ class OnnxNode:
     def loc(self) -> Loc:
         return ("model", "graph", "node", self.index)
 
-    def attr(self, name: str, default: Any = None) -> Any:
-        """An attribute's value as Python (ints, floats, str, lists, a TensorProto). A float
+    def attr(self, name: str, default: Any = None, kind: int | None = None) -> Any:
+        """An attribute's value as Python (ints, floats, str, lists, a TensorProto), of the
+        type `kind` (an AttributeProto type; default: the default's type). A float
         attribute is stored as a float32: it is read as the shortest decimal that float32
         rounds to it (epsilon 9.99999975e-06 is the 1e-5 the exporter was given, as PyTorch
         used it), so that float64 results match the framework's, not float32's rounding."""
         proto = self.attributes.get(name)
         if proto is None:
             return default
+        want = kind if kind is not None else ATTRIBUTE_KINDS.get(type(default))
+        if want is not None and proto.type != want:
+            have, need = (onnx.AttributeProto.AttributeType.Name(t) for t in (proto.type, want))
+            raise ModelError(
+                f"node {self.name!r} ({self.op_type}): attribute {name} must be of type {need}, "
+                f"not {have}",
+                loc=(*self.loc, "attribute", name),
+                node=self.name,
+            )
         value = helper.get_attribute_value(proto)
         if proto.type == onnx.AttributeProto.FLOAT:
             return decimal_float(value)

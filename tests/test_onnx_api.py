@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import oracle_models as om
 import pytest
 from flask.testing import FlaskClient
 from onnx import TensorProto, helper, numpy_helper
@@ -23,6 +25,7 @@ from gradiag.service import create_app
 from gradiag.service.config import Settings
 
 Array = np.ndarray[Any, np.dtype[Any]]
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "oracle" / "onnx_models"
 RNG = np.random.default_rng(7)
 W1, B1 = RNG.standard_normal((8, 4)), RNG.standard_normal(8)
 W2, B2 = RNG.standard_normal((3, 8)), RNG.standard_normal(3)
@@ -363,3 +366,20 @@ def test_metrics_count_onnx_reports(client: FlaskClient) -> None:
     assert post_onnx(client, mlp(), LOSS, npz(x=X, y=Y)).status_code == 200
     text = client.get("/metrics").get_data(as_text=True)
     assert 'kind="onnx"' in text and 'endpoint="/v1/onnx"' in text
+
+
+def test_a_conv_over_max_scratch_elements_is_refused_before_compute() -> None:
+    """im2col's columns, estimated by the compiler on shapes alone (LeNet's first conv)."""
+    model = om.lenet()
+    data = (FIXTURES / "lenet.legacy.onnx").read_bytes()
+    limited = create_app(Settings(max_scratch_elements=1000)).test_client()
+    body = problem(post_onnx(limited, data, LOSS, npz(x=model.x, y=model.y)), 422)
+    assert body["limit"] == "max_scratch_elements"
+    assert body["errors"][0]["node"] == "/0/Conv_output_0"  # the conv's output tensor
+
+
+def test_explain_adds_each_nodes_role(client: FlaskClient) -> None:
+    request = {**LOSS, "include": ["gradients"], "explain": True}
+    nodes = post_onnx(client, mlp(), request, npz(x=X, y=Y)).get_json()["nodes"]
+    assert nodes["h"]["op"] == "affine" and nodes["h"]["inputs"] == ["x", "h::0.transpose", "b1"]
+    assert nodes["a"]["role"].startswith("relu gate")

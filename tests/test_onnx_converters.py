@@ -7,6 +7,7 @@ converters' refusals follow, one each."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from test_ops import ref_conv2d, ref_pool  # the op table's references, by definition
 
@@ -288,3 +291,49 @@ def test_a_nameless_node_is_named_by_its_op_type_and_index() -> None:
         run(data, normal(2, 3), "sum")
     assert caught.value.node == "Reshape#1"
     assert math.isfinite(0.0)
+
+
+# --- hostile attributes: refused (an EngineError, a 422), never an exception of another kind --
+
+ATTRIBUTE_NAMES = (
+    "alpha", "beta", "axis", "axes", "perm", "pads", "strides", "kernel_shape", "dilations",
+    "group", "auto_pad", "ceil_mode", "count_include_pad", "epsilon", "training_mode",
+    "transA", "transB", "keepdims", "allowzero", "noop_with_empty_axes", "value_ints",
+)  # fmt: skip
+HOSTILE_VALUES = st.one_of(
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.lists(st.integers(-10, 10**12), min_size=1, max_size=6),
+    st.lists(st.floats(-3, 3, width=32), min_size=1, max_size=3),
+    st.sampled_from(["NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER", "", "\x00"]),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_any_attribute_of_any_type_is_lowered_or_refused(data: st.DataObject) -> None:
+    case = data.draw(st.sampled_from(CASES), label="case")
+    nodes = []
+    for original in case.nodes:
+        changed = onnx.NodeProto()
+        changed.CopyFrom(original)
+        for name in data.draw(st.lists(st.sampled_from(ATTRIBUTE_NAMES), max_size=3)):
+            kept = [a for a in changed.attribute if a.name != name]
+            del changed.attribute[:]
+            changed.attribute.extend(kept)
+            changed.attribute.append(helper.make_attribute(name, data.draw(HOSTILE_VALUES)))
+        nodes.append(changed)
+    data_bytes = model_bytes(nodes, case.x_shape, None, case.initializers, case.opset)
+    with contextlib.suppress(EngineError):
+        diagnose_model(data_bytes, Batch(case.x(case.x_shape), None), OnnxOptions(loss="sum"))
+
+
+def test_a_node_without_output_or_reassigning_a_tensor_is_refused() -> None:
+    silent = helper.make_node("Relu", ["x"], [], name="silent")
+    data = model_bytes([silent, node("Relu", ["x"])], (2, 3))
+    with pytest.raises(ModelError, match="no output"):
+        run(data, normal(2, 3), "sum")
+    again = node("Relu", ["x"], "W")  # W is an initializer already
+    data = model_bytes([again, node("Add", ["W", "x"])], (2, 3), None, {"W": normal(2, 3)})
+    with pytest.raises(ModelError, match="already a tensor"):
+        run(data, normal(2, 3), "sum")
