@@ -20,7 +20,7 @@ from gradiag.engine.diagnostics import Thresholds
 from gradiag.engine.errors import check_limits
 from gradiag.engine.executor import Result, run
 from gradiag.engine.network import Batch, RandomBatch, with_leaves
-from gradiag.engine.ops import Array, Shape
+from gradiag.engine.ops import Array
 from gradiag.onnx_import.batch import check_targets, random_shape, random_targets
 from gradiag.onnx_import.diagnostics import ModelHealth, model_health
 from gradiag.onnx_import.lower import (
@@ -123,9 +123,3 @@ def batch_of(arrays: dict[str, Any]) -> Batch:
     y = arrays.get("y")
     return Batch(x, None if y is None else np.asarray(y))
 
-
-def input_shape(source: ValueInfo) -> Shape | None:
-    """The input's shape per example, when known."""
-    if source.shape is None or any(d is None for d in source.shape[1:]):
-        return None
-    return tuple(d for d in source.shape[1:] if d is not None)
