@@ -122,4 +122,3 @@ def batch_of(arrays: dict[str, Any]) -> Batch:
     x = np.asarray(arrays["x"])
     y = arrays.get("y")
     return Batch(x, None if y is None else np.asarray(y))
-
