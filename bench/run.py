@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_bench  # bench/onnx_bench.py (this script's folder): the POST /v1/onnx row
 import orjson
 import requests
 
@@ -650,6 +651,7 @@ def summary(results: dict[str, Any]) -> str:
                 f"| micrograd {row['micrograd_s'] * 1e3:.0f} ms "
                 f"| {row[speedup]:.1f}x faster | {target} | {ok} |"
             )
+    lines += onnx_bench.summary_lines(results["onnx"])
     t = results["throughput"]
     for name in ("graph", "network"):
         row = t[name]
@@ -731,6 +733,7 @@ def main() -> None:
 
     server = Server(os.cpu_count() or 1, **one)
     try:
+        results["onnx"] = onnx_bench.onnx_row(server.url, reps)
         results["throughput"] = bench_throughput(server.url, 6.0 if args.quick else 15.0, 8)
         print(results["throughput"], flush=True)
     finally:

@@ -31,6 +31,7 @@ from gradiag.schemas.service import OpInfo, OpsResponse, ProbeResponse
 
 Model = TypeVar("Model", bound=BaseModel)
 Timeout = float | tuple[float, float]
+Part = tuple[str, bytes, str]  # a multipart part: (filename, content, content type)
 
 RETRY_STATUSES = (502, 503, 504)
 USER_AGENT = "gradiag-client/0.1"
@@ -161,14 +162,25 @@ class Client:
     def post_raw(self, path: str, body: bytes) -> Answer:
         return self._send("POST", path, body)
 
+    def post_parts_raw(self, path: str, parts: Mapping[str, Part]) -> Answer:
+        """A multipart/form-data POST (POST /v1/onnx): each part (filename, bytes, type)."""
+        return self._send("POST", path, None, files=parts)
+
     def get_raw(self, path: str) -> Answer:
         return self._send("GET", path, None)
 
-    def _send(self, method: str, path: str, body: bytes | None) -> Answer:
+    def _send(
+        self, method: str, path: str, body: bytes | None, files: Mapping[str, Part] | None = None
+    ) -> Answer:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         try:
             response = self.session.request(
-                method, self.url + path, data=body, headers=headers, timeout=self.timeout
+                method,
+                self.url + path,
+                data=body,
+                files=files,
+                headers=headers,
+                timeout=self.timeout,
             )
         except requests.Timeout as err:
             raise GradiagUnavailable(f"{method} {self.url}{path} timed out: {err}") from None

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -329,6 +329,26 @@ def _scaled_norm(x: Array) -> float:
             part = flat[start : start + CHUNK].astype(np.float64) / scale
             total += float(np.dot(part, part))
     return scale * math.sqrt(total)
+
+
+# --- layers: what a network and an ONNX model share --------------------------------------
+
+
+class WithGradNorms(Protocol):
+    """A layer with the norms of its gradients by part (W, b, z, ...)."""
+
+    grad_norms: dict[str, float]
+
+
+def first_to_last(layers: Sequence[WithGradNorms], part: str) -> float | None:
+    """A gradient norm of the first layer with weights over the last one's; None for one
+    such layer, a zero or non-finite last."""
+    if len(layers) < 2:
+        return None
+    first, last = layers[0].grad_norms[part], layers[-1].grad_norms[part]
+    if not (math.isfinite(first) and math.isfinite(last)) or last == 0:
+        return None
+    return first / last
 
 
 # --- a graph -------------------------------------------------------------------------------

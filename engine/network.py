@@ -44,6 +44,7 @@ from gradiag.engine.diagnostics import (
     Reading,
     Thresholds,
     cap_findings,
+    first_to_last,
     is_finite,
     mean_std,
     nonfinite_finding,
@@ -848,8 +849,8 @@ def network_diagnostics(
         np.intp,
     )
     weighted = [layer for layer in layers if "W" in layer.grad_norms]
-    ratio = _first_to_last(weighted, "W")
-    signal = _first_to_last(weighted, "z")
+    ratio = first_to_last(weighted, "W")
+    signal = first_to_last(weighted, "z")
     findings: list[Finding] = []
     if bad.size:
         findings.append(nonfinite_finding(result, bad, lambda i: _layer_of(ids[i])))
@@ -962,17 +963,6 @@ class _TensorStats:
         if known is None:
             known = self._finite[id(x)] = is_finite(x)
         return known
-
-
-def _first_to_last(layers: Sequence[LayerDiagnostics], part: str) -> float | None:
-    """A gradient norm of the first layer with weights over the last one's; None for one
-    such layer, a zero or non-finite last."""
-    if len(layers) < 2:
-        return None
-    first, last = layers[0].grad_norms[part], layers[-1].grad_norms[part]
-    if not (math.isfinite(first) and math.isfinite(last)) or last == 0:
-        return None
-    return first / last
 
 
 def _layer_findings(layer: LayerDiagnostics, t: Thresholds, *, finite: bool) -> list[Finding]:

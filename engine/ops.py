@@ -520,6 +520,56 @@ def mean_backward(dout: Array, cache: Cache) -> Grads:
     return (dx / count,)
 
 
+# --- softmax along one axis --------------------------------------------------------------
+
+
+def softmax_shape(x: Shape, axis: int = -1) -> Shape:
+    """x of rank >= 1 -> x's shape; `axis` in [-rank, rank) and not of size 0."""
+    if not x:
+        raise ShapeError("softmax needs a tensor of rank 1 or more, not a scalar")
+    (ax,) = _normalize_axes(axis, len(x))
+    if x[ax] == 0:
+        raise ShapeError(f"softmax along axis {axis} of size 0 (shape {list(x)})")
+    return x
+
+
+def softmax_forward(x: Array, axis: int = -1) -> tuple[Array, Cache]:
+    """x: any shape (rank >= 1) -> exp(x) / sum(exp(x)) along `axis`, with the max shifted
+    out (no overflow). The output is the cache: backward needs nothing else."""
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    out = e / np.sum(e, axis=axis, keepdims=True)
+    return out, (out, axis)
+
+
+def softmax_backward(dout: Array, cache: Cache) -> Grads:
+    """dx = s * (dout - sum(dout * s)) along the axis (the softmax Jacobian, applied)."""
+    s, axis = cache
+    return (s * (dout - np.sum(dout * s, axis=axis, keepdims=True)),)
+
+
+def log_softmax_forward(x: Array, axis: int = -1) -> tuple[Array, Cache]:
+    """x: any shape (rank >= 1) -> x - log(sum(exp(x))) along `axis`, the max shifted out."""
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    out = shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+    return out, (out, axis)
+
+
+def log_softmax_backward(dout: Array, cache: Cache) -> Grads:
+    """dx = dout - softmax * sum(dout) along the axis (softmax = exp of the output)."""
+    out, axis = cache
+    return (dout - np.exp(out) * np.sum(dout, axis=axis, keepdims=True),)
+
+
+def softmax_flops(ins: Sequence[Shape], out: Shape, axis: int = -1) -> int:
+    """Forward: max, shift, exp, sum, divide; backward: a product, a sum and two passes."""
+    return 9 * math.prod(out)
+
+
+def softmax_scratch(ins: Sequence[Shape], out: Shape, axis: int = -1) -> int:
+    """The shifted copy (or exp) beside the output, and one product in backward."""
+    return 2 * math.prod(out)
+
+
 # --- losses: (scores, targets) -> scalar ------------------------------------------------
 
 
@@ -648,6 +698,7 @@ _LOCAL = "scales the gradient by its local derivative"
 _AXIS = Attr(int | list[int] | None, "the axes to reduce (default: all)")
 _KEEPDIMS = Attr(bool, "keep reduced axes with size 1")
 _PAIR = int | list[int]
+_SOFTMAX_AXIS = Attr(int, "the axis the probabilities sum to 1 along")
 
 _TABLE: list[Op] = [
     Op("add", 2, "a + b (broadcasting)", add_forward, add_backward, broadcast_shape,
@@ -714,6 +765,14 @@ _TABLE: list[Op] = [
     Op("mean", 1, "mean over attrs.axis (all axes by default)", mean_forward, mean_backward,
        reduce_shape, attrs={"axis": _AXIS, "keepdims": _KEEPDIMS},
        role="mean gate: copies the gradient / count to every averaged element"),
+    Op("softmax", 1, "exp(x) / sum(exp(x)) along attrs.axis (default the last), stably",
+       softmax_forward, softmax_backward, softmax_shape, attrs={"axis": _SOFTMAX_AXIS},
+       flops=softmax_flops, scratch=softmax_scratch,
+       role="softmax gate: dx = s * (g - sum(g * s)) along the axis"),
+    Op("log_softmax", 1, "x - log(sum(exp(x))) along attrs.axis (default the last), stably",
+       log_softmax_forward, log_softmax_backward, softmax_shape, attrs={"axis": _SOFTMAX_AXIS},
+       flops=softmax_flops, scratch=softmax_scratch,
+       role="log-softmax gate: dx = g - softmax * sum(g) along the axis"),
     Op("mse", 2, "loss: mean over all elements of (scores - targets)^2", mse_forward,
        mse_backward, scalar_loss_shape, role="loss: d/dscores = 2 (scores - targets) / n"),
     Op("softmax_cross_entropy", 2,

@@ -315,7 +315,7 @@ def _over(limit: str, value: int, what: str, cheaper: str, field: str) -> Proble
 
 
 def _mib(n: int) -> str:
-    return f"{n / MIB:,.1f} MiB"
+    return f"{n / MIB:,.1f} MiB" if n >= MIB else f"{n:,} bytes"
 
 
 def check_answer(encoded: bytes, settings: Settings) -> None:

@@ -1,9 +1,11 @@
 """`gradiag check FILE...`: diagnose graph, expression and network files, for people and CI.
 
 Each file is sent, as it is (plus any threshold overrides), to POST /v1/graph or
-POST /v1/network: in process by default (the app from `create_app`, through its test
-client), or to a running service with `--url` (through `client.Client`). Both paths decode
-the answer with the same `client.decode`, so the verdicts and the JSON report are the same.
+POST /v1/network; a model exported to ONNX (`FILE.onnx`, with `--batch BATCH.npz` and
+`--loss LOSS`) goes to POST /v1/onnx as multipart/form-data. In process by default (the
+app from `create_app`, through its test client), or to a running service with `--url`
+(through `client.Client`). Both paths decode the answer with the same `client.decode`, so the
+verdicts and the JSON report are the same.
 
 Exit codes (the contract's "Command line"): 0 healthy; 1 when a file's health is `fail`
 (or `warn` with `--strict`); 2 on an unreadable or invalid file (a 4xx answer) or a usage
@@ -25,21 +27,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import requests
 from pydantic import ValidationError
 
 from gradiag.client import Answer, Client, GradiagError, GradiagUnavailable, decode
+from gradiag.client.api import Part
+from gradiag.client.onnx import onnx_parts
 from gradiag.schemas.common import Finding, Thresholds
 from gradiag.schemas.graph import GraphResponse
 from gradiag.schemas.network import NetworkResponse
+from gradiag.schemas.onnx import OnnxLayerReport, OnnxResponse
 from gradiag.service.packed import column_length
 
-Kind = Literal["graph", "expression", "network"]
+Kind = Literal["graph", "expression", "network", "onnx"]
 Status = Literal["ok", "warn", "fail", "error", "skipped"]
 
 ENDPOINTS: dict[Kind, str] = {
     "graph": "/v1/graph",
     "expression": "/v1/graph",
     "network": "/v1/network",
+    "onnx": "/v1/onnx",
 }
 # the key that tells a body's kind (exactly one of them must be present)
 KIND_KEYS: dict[str, Kind] = {
@@ -49,6 +56,10 @@ KIND_KEYS: dict[str, Kind] = {
     "layers": "network",
 }
 
+RESPONSES: dict[str, type[GraphResponse | NetworkResponse]] = {
+    "network": NetworkResponse,
+    "onnx": OnnxResponse,
+}
 EXIT_OK, EXIT_UNHEALTHY, EXIT_INPUT, EXIT_SERVICE = 0, 1, 2, 3
 FORMATS = ("text", "json", "junit", "github")
 THRESHOLD_FIELDS = tuple(Thresholds.model_fields)
@@ -69,7 +80,10 @@ class InputError(Exception):
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "files", nargs="+", metavar="FILE", help="graph, expression or network JSON ('-': stdin)"
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="graph, expression or network JSON ('-': stdin), or a model FILE.onnx",
     )
     parser.add_argument("--url", help="a running gradiag service (default: run in process)")
     parser.add_argument(
@@ -97,6 +111,11 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
         "[tool.gradiag] in ./pyproject.toml)",
     )
     parser.add_argument("--no-config", action="store_true", help="read no config file")
+    onnx = parser.add_argument_group("ONNX models", "for FILE.onnx (POST /v1/onnx)")
+    onnx.add_argument("--batch", metavar="NPZ", help="a NumPy .npz with arrays x and y "
+                      "(default: a random batch of the model's input shape)")  # fmt: skip
+    onnx.add_argument("--loss", help="the loss on the model's output, e.g. softmax_cross_entropy")
+    onnx.add_argument("--input", metavar="NAME", help="the graph input the batch feeds")
     limits = parser.add_argument_group(
         "thresholds", "override the body's `thresholds` (flags > file > config > defaults)"
     )
@@ -128,6 +147,7 @@ class Options:
     config_thresholds: dict[str, float]
     flag_thresholds: dict[str, float]
     config_path: Path | None
+    onnx: dict[str, str] = field(default_factory=dict)  # --batch, --loss, --input as given
 
 
 def find_config(args: argparse.Namespace, cwd: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -192,7 +212,8 @@ def options_of(args: argparse.Namespace, cwd: Path) -> Options:
         raise UsageError("--retries must be 0 or more")
     if args.url is not None and not args.url.startswith(("http://", "https://")):
         raise UsageError(f"--url {args.url!r} is not an http:// or https:// URL")
-    return Options(strict, config_thresholds, flag_thresholds, config_path)
+    onnx = {k: getattr(args, k) for k in ("batch", "loss", "input") if getattr(args, k, None)}
+    return Options(strict, config_thresholds, flag_thresholds, config_path, onnx)
 
 
 def _check_thresholds(values: Mapping[str, Any], where: str) -> None:
@@ -214,11 +235,14 @@ def _check_thresholds(values: Mapping[str, Any], where: str) -> None:
 class Loaded:
     kind: Kind
     body: bytes
+    parts: dict[str, Part] | None = None  # a multipart body (an ONNX model)
 
 
 def load(path: str, options: Options, stdin: Callable[[], bytes]) -> Loaded:
     """Read a file, tell its kind, merge the thresholds (defaults < config < the file's own
     `thresholds` < flags, field by field). Raises InputError."""
+    if path.endswith(".onnx"):
+        return load_onnx(path, options)
     try:
         raw = stdin() if path == "-" else Path(path).read_bytes()
     except OSError as err:
@@ -244,11 +268,34 @@ def load(path: str, options: Options, stdin: Callable[[], bytes]) -> Loaded:
     return Loaded(KIND_KEYS[keys[0]], json.dumps(doc).encode())
 
 
+def load_onnx(path: str, options: Options) -> Loaded:
+    """A model file, its batch (--batch) and the request part: --loss, --input, thresholds
+    (config < flags)."""
+    if "loss" not in options.onnx:
+        raise InputError(f"{path}: an ONNX model needs --loss (e.g. softmax_cross_entropy)")
+    request: dict[str, Any] = {"loss": options.onnx["loss"]}
+    if "input" in options.onnx:
+        request["input"] = options.onnx["input"]
+    thresholds = {**options.config_thresholds, **options.flag_thresholds}
+    if thresholds:
+        request["thresholds"] = thresholds
+    batch_path = options.onnx.get("batch")
+    try:
+        model = Path(path).read_bytes()
+        batch = None if batch_path is None else Path(batch_path).read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {err.filename}: {err.strerror or err}") from None
+    body = json.dumps(request).encode()
+    return Loaded("onnx", body, onnx_parts(model, body, batch))
+
+
 # --- running -----------------------------------------------------------------------------
 
 
 class Runner(Protocol):
     def post(self, path: str, body: bytes) -> Answer: ...
+
+    def post_parts(self, path: str, parts: Mapping[str, Part]) -> Answer: ...
 
 
 class InProcess:
@@ -273,9 +320,15 @@ class InProcess:
         settings = dataclasses.replace(settings, log_level="critical", api_token=None)
         self._client = create_app(settings).test_client()
 
-    def post(self, path: str, body: bytes) -> Answer:
-        response = self._client.post(path, data=body, content_type="application/json")
+    def post(self, path: str, body: bytes, content_type: str = "application/json") -> Answer:
+        response = self._client.post(path, data=body, content_type=content_type)
         return Answer(response.status_code, response.content_type or "", response.get_data())
+
+    def post_parts(self, path: str, parts: Mapping[str, Part]) -> Answer:
+        """The multipart body encoded as the client encodes it (requests), in memory."""
+        prepared = requests.Request("POST", f"http://in-process{path}", files=parts).prepare()
+        body = prepared.body if isinstance(prepared.body, bytes) else b""
+        return self.post(path, body, content_type=str(prepared.headers["Content-Type"]))
 
 
 class Remote:
@@ -286,6 +339,9 @@ class Remote:
 
     def post(self, path: str, body: bytes) -> Answer:
         return self.client.post_raw(path, body)
+
+    def post_parts(self, path: str, parts: Mapping[str, Part]) -> Answer:
+        return self.client.post_parts_raw(path, parts)
 
 
 @dataclass
@@ -313,10 +369,13 @@ def check_file(
         result.error = {"title": "Unreadable input", "detail": str(err)}
         return result
     result.kind = loaded.kind
-    model: type[GraphResponse | NetworkResponse]
-    model = NetworkResponse if loaded.kind == "network" else GraphResponse
+    model = RESPONSES.get(loaded.kind, GraphResponse)
     try:
-        answer = runner.post(ENDPOINTS[loaded.kind], loaded.body)
+        endpoint = ENDPOINTS[loaded.kind]
+        if loaded.parts is not None:
+            answer = runner.post_parts(endpoint, loaded.parts)
+        else:
+            answer = runner.post(endpoint, loaded.body)
         report = decode(answer, model)
     except GradiagError as err:
         result.exit_code = EXIT_INPUT if err.is_client_error else EXIT_SERVICE
@@ -407,7 +466,7 @@ def headline(r: FileResult) -> str:
     if isinstance(r.model, NetworkResponse):
         n = r.model
         what = (
-            f"network: {n.name}, loss {num(n.loss)}, {n.parameters.total} parameters, "
+            f"{r.kind}: {n.name}, loss {num(n.loss)}, {n.parameters.total} parameters, "
             f"batch {n.batch_size}"
         )
     elif isinstance(r.model, GraphResponse):
@@ -440,7 +499,7 @@ def layer_table(n: NetworkResponse) -> list[str]:
         saturating = layer.activation in ("sigmoid", "tanh")
         rows.append(
             (
-                str(layer.index) if layer.type == "dense" else f"{layer.index} {layer.type}",
+                layer_label(layer),
                 "-" if layer.units is None else str(layer.units),
                 layer.activation or "-",
                 percent(layer.dead_units, layer.dead_fraction) if dead else "-",
@@ -452,6 +511,13 @@ def layer_table(n: NetworkResponse) -> list[str]:
     widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
             for row in rows]  # fmt: skip
+
+
+def layer_label(layer: Any) -> str:
+    """A layer's first column: its index, and its type (an ONNX node: its name)."""
+    if isinstance(layer, OnnxLayerReport):
+        return f"{layer.index} {layer.name}"
+    return str(layer.index) if layer.type == "dense" else f"{layer.index} {layer.type}"
 
 
 def render_text(results: Sequence[FileResult]) -> str:

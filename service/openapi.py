@@ -11,6 +11,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from gradiag.schemas.common import Problem
 from gradiag.schemas.graph import GraphBody, GraphResponse
 from gradiag.schemas.network import NetworkRequest, NetworkResponse
+from gradiag.schemas.onnx import OnnxRequest, OnnxResponse
 from gradiag.schemas.service import OpsResponse, ProbeResponse
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
@@ -18,6 +19,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (GraphResponse, "serialization"),
     (NetworkRequest, "validation"),
     (NetworkResponse, "serialization"),
+    (OnnxRequest, "validation"),
+    (OnnxResponse, "serialization"),
     (OpsResponse, "serialization"),
     (ProbeResponse, "serialization"),
     (Problem, "serialization"),
@@ -96,6 +99,50 @@ def _post_svg(summary: str, request: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+# POST /v1/onnx: the same problems, but a 400 is also a body that does not split into parts or
+# a model that is not an ONNX file, and a 415 anything but multipart/form-data (docs/onnx.md)
+_ONNX_ERRORS = {
+    **_ERRORS,
+    "400": "A body that does not split into parts, a `request` part that is not JSON, or a "
+    "`model` part that does not decode as an ONNX model",
+    "415": "Not multipart/form-data",
+    "422": "A part missing or unknown, an invalid request, a model gradiag cannot take (an "
+    "opset below 13, external data; unsupported op types are listed all at once in "
+    "`errors` and `unsupported`), a batch that does not fit the model's input, or over a "
+    "limit (`limit`, `limit_value`)",
+}
+
+
+def _post_onnx() -> dict[str, Any]:
+    """The multipart body: the model's bytes, the JSON request, an optional .npz batch."""
+    binary = {"type": "string", "contentMediaType": "application/octet-stream"}
+    body = {
+        "type": "object",
+        "required": ["model", "request"],
+        "properties": {
+            "model": {**binary, "description": "the .onnx file's bytes"},
+            "request": _ref(OnnxRequest),
+            "batch": {**binary, "description": "a NumPy .npz with arrays x and y (optional)"},
+        },
+    }
+    encoding = {
+        "model": {"contentType": "application/octet-stream"},
+        "request": {"contentType": "application/json"},
+        "batch": {"contentType": "application/octet-stream"},
+    }
+    operation = _post(
+        "A model exported to ONNX, lowered to a graph: per-node health", OnnxRequest, OnnxResponse
+    )["post"]
+    operation["requestBody"]["content"] = {
+        "multipart/form-data": {"schema": body, "encoding": encoding}
+    }
+    operation["responses"].update(
+        {code: {**answer, "description": _ONNX_ERRORS[code]}
+         for code, answer in operation["responses"].items() if code in _ONNX_ERRORS}
+    )  # fmt: skip
+    return {"post": operation}
+
+
 def _get(summary: str, response: type[BaseModel], *, api: bool = False) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "summary": summary,
@@ -154,6 +201,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/network.svg": _post_svg(
                 "The network as its layer chain, each layer with its health", NetworkRequest
             ),
+            "/v1/onnx": _post_onnx(),
             "/v1/ops": _get("The op catalogue", OpsResponse, api=True),
             "/healthz": _get("Liveness", ProbeResponse),
             "/readyz": _get("Readiness", ProbeResponse),

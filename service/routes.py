@@ -28,6 +28,7 @@ from gradiag.service.errors import engine_problem
 from gradiag.service.frontend import diagnose, engine_limits
 from gradiag.service.metrics import ReportSummary
 from gradiag.service.network import network_report_of_request
+from gradiag.service.onnx import onnx_report_of_request
 from gradiag.service.report import graph_report
 from gradiag.service.svg import graph_svg, network_svg
 
@@ -141,6 +142,13 @@ def post_network_svg() -> Response:
     with paused_gc():
         report = network_report_of_request(picture=True)
         return picture_response(network_svg, report, report["input_dim"])
+
+
+@api.post("/v1/onnx")
+def post_onnx() -> Response:
+    """A model exported to ONNX, lowered to a graph and run once (service.onnx)."""
+    with paused_gc():
+        return json_response(onnx_report_of_request())
 
 
 @api.get("/v1/ops")

@@ -121,6 +121,25 @@ def reduce_operands(draw: Draw) -> tuple[Operands, Attrs]:
 
 
 @st.composite
+def softmax_operands(draw: Draw) -> tuple[Operands, Attrs]:
+    """x of rank 1 to 3 and, half the time, an axis (default: the last)."""
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=MAX_SIDE))
+    attrs: Attrs = {}
+    if draw(st.booleans()):
+        attrs["axis"] = draw(st.integers(-len(shape), len(shape) - 1))
+    return (array(draw, shape, SMOOTH),), attrs
+
+
+def ref_softmax(x: Array, axis: int = -1) -> Array:
+    e = np.exp(x)  # SMOOTH elements: no overflow, so the textbook formula
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def ref_log_softmax(x: Array, axis: int = -1) -> Array:
+    return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+
+
+@st.composite
 def transpose_operands(draw: Draw) -> tuple[Operands, Attrs]:
     shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=MAX_SIDE))
     attrs: Attrs = {}
@@ -356,6 +375,8 @@ CASES = [
     Case("transpose", transpose_operands(), lambda x, axes=None: np.transpose(x, axes)),
     Case("sum", reduce_operands(), ref_sum),
     Case("mean", reduce_operands(), ref_mean),
+    Case("softmax", softmax_operands(), ref_softmax),
+    Case("log_softmax", softmax_operands(), ref_log_softmax),
     Case("mse", broadcasting(SMOOTH, SMOOTH), lambda s, t: np.mean((s - t) ** 2)),
     Case(
         "softmax_cross_entropy",

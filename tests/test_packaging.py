@@ -1,8 +1,9 @@
 """An installed gradiag adds one import name, `gradiag`, and its client runs without the
-server's dependencies (Flask, gunicorn, prometheus-client, orjson)."""
+server's dependencies (Flask, gunicorn, prometheus-client, orjson, onnx)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SERVER_ONLY = ("flask", "werkzeug", "gunicorn", "prometheus_client", "orjson", "grandalf")
+SERVER_ONLY = (
+    "flask", "werkzeug", "gunicorn", "prometheus_client", "orjson", "grandalf", "onnx",
+    "google.protobuf",
+)  # fmt: skip
+PACKAGES = ("engine", "schemas", "service", "client", "onnx_import")
 
 
 def test_the_wheel_installs_only_the_gradiag_package(tmp_path: Path) -> None:
@@ -22,7 +27,7 @@ def test_the_wheel_installs_only_the_gradiag_package(tmp_path: Path) -> None:
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "__init__.py"):
         shutil.copy(REPO / name, source / name)
-    for package in ("engine", "schemas", "service", "client"):
+    for package in PACKAGES:
         ignore = shutil.ignore_patterns("__pycache__")
         shutil.copytree(REPO / package, source / package, ignore=ignore)
     subprocess.run(
@@ -34,7 +39,7 @@ def test_the_wheel_installs_only_the_gradiag_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"gradiag", wheel.name.split("-py")[0] + ".dist-info"}
-    for package in ("engine", "schemas", "service", "client"):
+    for package in PACKAGES:
         assert f"gradiag/{package}/__init__.py" in names
     assert "gradiag/__init__.py" in names
     assert "gradiag/service/static/app.js" in names
@@ -58,6 +63,30 @@ print(report.output.value, report.nodes["x"].grad)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["-12.0", "-4.0"]
+
+
+def test_the_client_diagnoses_an_onnx_model_without_onnx(live_server: str) -> None:
+    """diagnose_onnx posts the file, the request and an .npz; the client imports no onnx."""
+    model = REPO / "tests" / "fixtures" / "oracle" / "onnx_models" / "reshape.legacy.onnx"
+    script = f"""
+import sys
+for name in {SERVER_ONLY!r}:
+    sys.modules[name] = None
+sys.path.insert(0, {str(REPO / "tests")!r})
+import oracle_models as om
+from gradiag.client import diagnose_onnx
+m = om.reshape_net()
+report = diagnose_onnx({str(model)!r}, m.x, m.y, "softmax_cross_entropy", url={live_server!r})
+print(report.loss, report.layers[0].name, report.parameters.total)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((model.parent / "reshape.json").read_text())["exports"]["legacy"]
+    loss, first, total = done.stdout.split()
+    assert float(loss) == pytest.approx(summary["loss"], rel=1e-12)
+    assert (first, int(total)) == ("/0/Conv", summary["float_initializer_elements"])
 
 
 @pytest.mark.parametrize("module", ["gradiag.engine", "gradiag.schemas", "gradiag.client"])
