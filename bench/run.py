@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_bench  # bench/onnx_bench.py (this script's folder): the POST /v1/onnx row
 import orjson
 import requests
 
-from bench import cnn_bench, training_bench
+from bench import cnn_bench, onnx_bench, training_bench
 from bench.common import Server, interleaved, median_ratio, peak_rss, post
 from gradiag.client.packed import pack, unpack
 
