@@ -129,12 +129,15 @@ class _Sizes:
         if len(program) <= SMALL_PROGRAM:
             return cls.of_small(program)
         shapes, n = program.shapes, len(program)
-        elements = np.fromiter(map(math.prod, shapes), np.int64, n)
-        lists = np.fromiter(map(_nested_lists, shapes), np.int64, n)
         has_grad = program.codes != _code(program, "const")
         if program.no_grad:
             has_grad[list(program.no_grad)] = False
-        id_lengths = np.fromiter(map(_id_bytes, program.node_ids()), np.int64, n)
+        if program.ranks.any():
+            elements = np.fromiter(map(math.prod, shapes), np.int64, n)
+            lists = np.fromiter(map(_nested_lists, shapes), np.int64, n)
+        else:  # every node a scalar: one element, no list
+            elements, lists = np.ones(n, np.int64), np.zeros(n, np.int64)
+        id_lengths = _id_lengths(program)
         operands = program.operands[program.operands >= 0]
         roles = _role_bytes()
         role_bytes = np.array([roles[name] for name in program.names], np.int64)
@@ -199,6 +202,16 @@ def _id_bytes(node_id: str) -> int:
     """An id's bytes in the answer: UTF-8, a quote or backslash escaped, the quotes."""
     escaped = node_id.count('"') + node_id.count("\\")
     return len(node_id.encode()) + (ID_ESCAPES - 1) * escaped + 2
+
+
+def _id_lengths(program: Program) -> np.ndarray:
+    """Every id's bytes in the answer (`_id_bytes`): the lengths by one C-level map when
+    all ids are ASCII without a quote or backslash (nearly always), else id by id."""
+    ids = program.node_ids()
+    joined = "".join(ids)
+    if joined.isascii() and '"' not in joined and "\\" not in joined:
+        return np.fromiter(map(len, ids), np.int64, len(ids)) + 2
+    return np.fromiter(map(_id_bytes, ids), np.int64, len(ids))
 
 
 def _code(program: Program, op: str) -> int:

@@ -59,7 +59,7 @@ class _Found(Exception):
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> None:
-    if len(pairs) > MAX_MEMBERS or len({key for key, _ in pairs}) != len(pairs):
+    if len(dict(pairs)) != len(pairs) or len(pairs) > MAX_MEMBERS:
         raise _Found
     return None  # the quick pass builds nothing
 
