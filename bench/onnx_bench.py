@@ -84,8 +84,7 @@ def torch_step(module: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> Any:
 
 def onnx_row(url: str, reps: int) -> dict[str, Any]:
     """The row: median times (s) and ratios of the runs compared (module docstring)."""
-    from run import interleaved, median_ratio  # bench/run.py, the script this row is part of
-
+    from bench.common import interleaved, median_ratio
     from gradiag.engine.network import Batch, NetworkLimits
     from gradiag.onnx_import.frontend import OnnxOptions, diagnose_model
     from gradiag.schemas.network import NetworkRequest
@@ -166,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
-    from run import Server
+    from bench.common import Server
 
     server = Server(1, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     try:

@@ -102,24 +102,27 @@ def bench_network(dtype: str, reps: int) -> dict[str, Any]:
     of the rounds' ratios."""
     import torch
 
-    from gradiag.engine import Limits, compile_graph, run
-    from gradiag.engine.network import lower, network_diagnostics, unread_gradients
+    from gradiag.engine import run
+    from gradiag.engine.network import (
+        NetworkLimits,
+        compile_network,
+        leaf_values,
+        network_diagnostics,
+        with_leaves,
+    )
     from gradiag.schemas.network import NetworkRequest
     from gradiag.service.frontend import engine_thresholds
     from gradiag.service.network import network_spec
 
     request = NetworkRequest.model_validate(network_body(BIG_MLP, BATCH, dtype))
     spec = network_spec(request)
-    nodes, output = lower(spec)  # weights and batch drawn once, outside the timing
+    leaves = leaf_values(spec)  # weights and batch drawn once, outside the timing
     thresholds = engine_thresholds(request.thresholds)
 
-    no_grad = unread_gradients(gradients=False)  # as the service: X's gradient is not asked
-
     def gradiag() -> None:
-        program = compile_graph(
-            nodes, output, limits=Limits(), dtype=np.dtype(dtype), no_grad=no_grad
-        )
-        result = run(program)
+        # as the service: compiled per request, X's gradient not asked for
+        program = compile_network(spec, NetworkLimits(), gradients=False)
+        result = run(with_leaves(program, leaves))
         network_diagnostics(result, spec, thresholds)
 
     tdtype = torch.float64 if dtype == "float64" else torch.float32
