@@ -712,6 +712,10 @@ def main() -> None:
         1,
         GRADIAG_MAX_NODES="2000000",
         GRADIAG_MAX_BODY_BYTES=str(1 << 30),
+        GRADIAG_MAX_RESPONSE_BYTES=str(1 << 31),  # the 1M-node nodes body answers ~80 MB
+        GRADIAG_MAX_REQUEST_MEMORY_BYTES=str(1 << 33),
+        GRADIAG_TIME_BUDGET_SECONDS="600",  # the whole request, the body's parsing included
+        GRADIAG_GRACEFUL_TIMEOUT="700",
         GRADIAG_TIMEOUT="900",
         **one,
     )

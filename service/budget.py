@@ -207,7 +207,10 @@ def _id_bytes(node_id: str) -> int:
 def _id_lengths(program: Program) -> np.ndarray:
     """Every id's bytes in the answer (`_id_bytes`): the lengths by one C-level map when
     all ids are ASCII without a quote or backslash (nearly always), else id by id."""
-    ids = program.node_ids()
+    if program.ids is None:  # row i is called "i": its digits and the quotes
+        rows = np.arange(len(program))
+        return np.floor(np.log10(np.maximum(rows, 1))).astype(np.int64) + 3
+    ids = program.ids
     joined = "".join(ids)
     if joined.isascii() and '"' not in joined and "\\" not in joined:
         return np.fromiter(map(len, ids), np.int64, len(ids)) + 2
