@@ -37,7 +37,7 @@ from gradiag.service.text import clip
 _ITEM = rb"(?:\[[^\"{}\[\]NI]*+\]|\{\s*+\})"
 _FOLDABLE = re.compile(_ITEM + rb"(?:\s*+,\s*+" + _ITEM + rb")*+")
 MAX_FOLDS = 8  # one pass per tensor rank; deeper nesting is left to the parsers
-FEW_ARRAYS = 64
+_NUMBER_ARRAY = re.compile(rb"\[\s*+[-0-9\[]")  # where an array of numbers (or arrays) starts
 LITERALS = ("NaN", "Infinity", "-Infinity")
 MAX_MEMBERS = 64  # members of one object, unless the caller allows more at its path
 
@@ -74,9 +74,10 @@ _QUICK = json.JSONDecoder(object_pairs_hook=_refuse_duplicates, parse_constant=_
 
 def fold_number_arrays(body: bytes) -> bytes:
     """Every run of foldable siblings as one `0`, innermost first, up to MAX_FOLDS levels.
-    A body of few arrays (a packed columns body: mostly base64 text) is left as it is: the
-    parser walks its long strings faster than the expression scans them."""
-    if body.count(b"[") < FEW_ARRAYS:
+    A body without an array of numbers (a packed columns body: mostly base64 text; a nodes
+    body of scalars: arrays of ids) is left as it is: there the parser walks the text faster
+    than the expression scans it."""
+    if _NUMBER_ARRAY.search(body) is None:
         return body
     for _ in range(MAX_FOLDS):
         body, folds = _FOLDABLE.subn(b"0", body)
