@@ -1,8 +1,8 @@
 """GET /: the page, end to end in headless Chromium against a live gunicorn (docs/page.md).
 
 Debian's chromium is driven by Playwright (PyPI); `playwright install` is never run (it
-downloads a browser). When /usr/bin/chromium is absent and the tests run as root, the session
-installs it with apt-get once; where no browser can be had the browser tests skip.
+downloads a browser). Where /usr/bin/chromium is absent the browser tests skip (and fail
+under CI, whose .ci/run installs it).
 """
 
 from __future__ import annotations

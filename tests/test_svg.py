@@ -19,7 +19,7 @@ CS231N_1 = {"expression": "(x + y) * z", "values": {"x": -2, "y": 5, "z": -4}}
 
 @pytest.fixture(scope="session")
 def dot_installed() -> str:
-    """Graphviz's dot; installed with apt-get (as root) when absent, else the test skips."""
+    """Graphviz's dot; absent: the test skips (fails under CI, whose .ci/run installs it)."""
     return require("graphviz", lambda: shutil.which("dot"))
 
 
