@@ -217,7 +217,10 @@ def compile_table(
     shapes, flops, elements, scratch, scalar = sizes
     ranks = _ranks(shapes) if tensors else np.zeros(n, np.intp)  # scalars make scalars
     with_attrs = table.attrs is not None and any(table.attrs)
-    plan = make_plan(table.names, codes, attrs, operands, scalar, with_attrs=with_attrs)
+    no_grad_rows = frozenset(index_of(ids, name, n) for name in no_grad)
+    graded = ~np.isin(codes, [k for k, name in enumerate(table.names) if name == "const"])
+    graded[list(no_grad_rows)] = False
+    plan = make_plan(table.names, codes, attrs, operands, scalar, graded, with_attrs=with_attrs)
     return Program(
         ids=ids,
         names=table.names,
@@ -237,7 +240,7 @@ def compile_table(
         elements=elements,
         scratch=scratch,
         plan=plan,
-        no_grad=frozenset(index_of(ids, name, n) for name in no_grad),
+        no_grad=no_grad_rows,
     )
 
 

@@ -275,7 +275,7 @@ class _Walk:
         self.exact_levels: list[Level] = []
         self.single_local: dict[int, tuple[Array | None, ...]] = {}
         self._reached: Array | None = None
-        if not all_finite(partials):
+        if plan.kinds and not all_finite(partials):  # no kinds: no batched node, all 0
             # a node without a path to the output has gradient 0: 0 * inf must add nothing
             live = self.live()
             self.derivative[~live[plan.inner_edges.consumer]] = 0.0
@@ -348,8 +348,7 @@ class _Walk:
         if not shape and dout == 0 and not self.live()[group.start]:
             return  # a scalar node nothing reached (its slot was 0 from the start)
         op, cache = group.op, self.caches[row]
-        operands = group.inputs
-        wanted = tuple(program.has_grad(j) for j in operands)
+        operands, wanted = group.inputs, group.needs
         local = op.backward(dout, cache, wanted) if op.takes_needs else op.backward(dout, cache)
         for j, d, needed in zip(operands, local, wanted, strict=True):
             if d is None or not needed:

@@ -463,7 +463,7 @@ def affine_backward(dout: Array, cache: Cache, needs: Needs = (True, True, True)
     x, W = cache
     dx = np.matmul(dout, W.T) if needs[0] else None
     dW = np.matmul(x.T, dout) if needs[1] else None
-    db = np.sum(dout, axis=0) if needs[2] else None
+    db = dout.sum(axis=0) if needs[2] else None
     return dx, dW, db
 
 
@@ -593,23 +593,34 @@ def bad_class_label(labels: Array, classes: int) -> int | None:
 
 
 def _class_labels(scores: Array, labels: Array) -> Array:
+    """The labels as class indices. A label is good when its cast to an integer gives it
+    back and lands in [0, classes) (a negative one wraps to a huge unsigned value); the
+    first bad one is found only when there is one."""
     classes = scores.shape[1]
-    bad = bad_class_label(labels, classes)
-    if bad is not None:
+    with np.errstate(invalid="ignore"):  # NaN and inf cast to some integer: != the label
+        y = labels.astype(np.intp)
+        good = (y == labels) & (y.view(np.uintp) < classes)
+    if not np.logical_and.reduce(good, axis=None):
+        bad = bad_class_label(labels, classes)
+        assert bad is not None
         raise ValueDomainError(
             f"label {float(labels[bad])!r} at row {bad} is not an integer class in [0, {classes})"
         )
-    return labels.astype(np.intp)
+    return y
 
 
 def softmax_cross_entropy_forward(scores: Array, labels: Array) -> tuple[Array, Cache]:
-    """scores: (N, C); labels: (N,) integer classes. Mean over rows of -log softmax[label]."""
+    """scores: (N, C); labels: (N,) integer classes. Mean over rows of -log softmax[label]:
+    log softmax = shifted - log(sum(exp(shifted))), shifted = scores - their row's max."""
     y = _class_labels(scores, labels)
     rows = np.arange(scores.shape[0])
-    shifted = scores - np.max(scores, axis=1, keepdims=True)  # log-softmax with the max out
-    log_probs = shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
-    loss = -np.mean(log_probs[rows, y])
-    return loss, (np.exp(log_probs), rows, y)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    sums = exp.sum(axis=1, keepdims=True)
+    log_probs = shifted[rows, y] - np.log(sums[:, 0])  # only the labels' entries
+    loss = -(np.add.reduce(log_probs) / rows.size)
+    exp /= sums  # the softmax, for the backward
+    return loss, (exp, rows, y)
 
 
 def softmax_cross_entropy_backward(dout: Array, cache: Cache) -> Grads:

@@ -31,8 +31,9 @@ from gradiag.engine.ops import OPS, Array, Op
 @dataclass(slots=True)
 class Group:
     """Plan positions [start, stop) of one op and attrs. A single group holds one node,
-    `row`, and its operand rows, `inputs` (read on every run); a batched one runs its nodes
-    as one call (`row` is -1)."""
+    `row`, its operand rows, `inputs`, and which of them take a gradient, `needs` (not a
+    const, not a `no_grad` leaf), both read on every run; a batched one runs its nodes as
+    one call (`row` is -1)."""
 
     op: Op
     attrs: Mapping[str, Any]
@@ -40,6 +41,7 @@ class Group:
     stop: int
     row: int = -1
     inputs: tuple[int, ...] = ()
+    needs: tuple[bool, ...] = ()
 
     @property
     def batched(self) -> bool:
@@ -110,12 +112,14 @@ def make_plan(
     attrs: Sequence[Mapping[str, Any]],
     operands: Array,
     scalar: Array,
+    graded: Array,
     *,
     with_attrs: bool = True,
 ) -> Plan:
     """The plan of a program: `codes[i]` indexes `names` (leaf ops included), `operands` is
-    (k, n) (-1: none), `scalar[i]` True where node i and its operands are scalars.
-    `with_attrs`: False when no row has attrs (then no row is looked at for them)."""
+    (k, n) (-1: none), `scalar[i]` True where node i and its operands are scalars,
+    `graded[i]` True where node i takes a gradient. `with_attrs`: False when no row has
+    attrs (then no row is looked at for them)."""
     n = codes.size
     is_op = np.array([name in OPS for name in names], bool)[codes]
     inner = np.flatnonzero(is_op)
@@ -141,7 +145,7 @@ def make_plan(
     leaf_bounds = np.searchsorted(leaf_edges.consumer, bounds).tolist()
     distinct = _distinct_by_level(level_of[inner_edges.consumer], inner_edges.target, levels)
     groups, first_group = _groups(
-        ops_order, level_of, kind_of, kinds_of, names, codes, attrs, operands
+        ops_order, level_of, kind_of, kinds_of, names, codes, attrs, operands, graded
     )
     plan_levels = []
     for k in range(len(bounds) - 1):
@@ -225,6 +229,7 @@ def _groups(
     codes: Array,
     attrs: Sequence[Mapping[str, Any]],
     operands: Array,
+    graded: Array,
 ) -> tuple[list[Group], list[int]]:
     """The groups in plan order (runs of one batched kind within a level, and each single
     node alone), and the index of each level's first group (then their count)."""
@@ -251,8 +256,11 @@ def _groups(
         else:
             single = op_of[code]
             assert single is not None  # an op row
-            inputs = tuple(operands[: single.arity, row].tolist())
-            groups.append(Group(single, attrs[row], start, stop, row, inputs))
+            inputs = operands[: single.arity, row]
+            needs = tuple(graded[inputs].tolist())
+            groups.append(
+                Group(single, attrs[row], start, stop, row, tuple(inputs.tolist()), needs)
+            )
     level_starts = np.flatnonzero(np.concatenate(([True], level_of[1:] != level_of[:-1])))
     return groups, [*np.searchsorted(starts, level_starts).tolist(), len(groups)]
 

@@ -261,7 +261,7 @@ def unit_mask(result: Result, index: Mapping[str, int], layer: Watched, eps: flo
     z = result.value(index[f"{layer.name}.z"])
     axes = unit_axes(z.ndim, 0)  # a layer's output is (N, units) or (N, C, H, W)
     if layer.dies:
-        return np.asarray(np.max(z, axis=axes).reshape(-1) <= 0)
+        return np.asarray(z.max(axis=axes) <= 0).reshape(-1)
     a = result.value(index[f"{layer.name}.a"])
     return flagged(layer.gate, z, a, eps).all(axis=axes).reshape(-1)
 

@@ -185,7 +185,7 @@ def test_the_plan_orders_rows_by_level_then_op_then_row(seed: int, deep: bool) -
     names = ["add", "mul", "input"]  # code 2: the leaves
     leaf_coded = np.where(code_column < 0, 2, code_column)
     attrs = [{}] * n
-    plan = make_plan(names, leaf_coded, attrs, operands, np.ones(n, bool))
+    plan = make_plan(names, leaf_coded, attrs, operands, np.ones(n, bool), np.ones(n, bool))
     levels = np.array(plain_levels(codes, first, second))
     inner = np.flatnonzero(code_column >= 0)
     want = inner[np.lexsort((code_column[inner], levels[inner]))]
