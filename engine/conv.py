@@ -175,18 +175,23 @@ def _im2col(x: Array, win: Window) -> Array:
     return np.ascontiguousarray(views).reshape(n, c * kh * kw, math.prod(win.size_out))
 
 
-def _col2im(dcols: Array, x_shape: Shape, win: Window) -> Array:
-    """The adjoint of _im2col: dcols (N, C*kh*kw, Ho*Wo) -> dx (N, C, H, W), each column
-    entry added back to the input cell it was copied from. One strided add per kernel
-    offset, clipped to the cells inside the input, so no padded buffer is cropped after."""
+def _input_grad(dout3: Array, W: Array, x_shape: Shape, win: Window) -> Array:
+    """The adjoint of the forward in x: dout (N, F, Ho*Wo) -> dx (N, C, H, W). For each
+    kernel offset (i, j), W[:, :, i, j].T @ dout[n] is what the output positions sent back
+    through that offset, added to the input cells they read there (clipped to the cells
+    inside the input, so no padded buffer is cropped after). The same sums as col2im of
+    W.T @ dout, without its (N, C*kh*kw, Ho*Wo) array: one (N, C, Ho*Wo) buffer reused."""
     n, c = x_shape[:2]
-    dcols6 = dcols.reshape(n, c, *win.kernel, *win.size_out)
-    dx = np.zeros(x_shape, dtype=dcols.dtype)
+    by_offset = W.transpose(2, 3, 1, 0)  # (kh, kw, C, F)
+    sent = np.empty((n, c, dout3.shape[2]), dtype=dout3.dtype)
+    sent_grid = sent.reshape(n, c, *win.size_out)
+    dx = np.zeros(x_shape, dtype=dout3.dtype)
     for i, j in win.offsets:
         where = win.slices(i, j)
         if where is not None:
             (hs, ws), (hos, wos) = where
-            dx[:, :, hs, ws] += dcols6[:, :, i, j, hos, wos]
+            np.matmul(by_offset[i, j], dout3, out=sent)
+            dx[:, :, hs, ws] += sent_grid[:, :, hos, wos]
     return dx
 
 
@@ -211,16 +216,15 @@ def conv2d_backward(dout: Array, cache: Cache, needs: Needs = (True, True, True)
     """dout (N, F, Ho, Wo) -> dx (N, C, H, W), dW (F, C, kh, kw), db (F,).
 
     dW = sum over n of dout[n] @ cols[n].T, db = dout summed over (N, Ho, Wo),
-    dx = col2im(W.T @ dout). An operand whose `needs` is False gets None and costs nothing
-    (the input batch's dx is half the backward's work)."""
+    dx = col2im(W.T @ dout) (`_input_grad`). An operand whose `needs` is False gets None and
+    costs nothing (the input batch's dx is half the backward's work)."""
     cols, W, x_shape, win = cache
-    n, k, p = cols.shape
+    n, _, p = cols.shape
     f = W.shape[0]
     dout3 = dout.reshape(n, f, p)
     dx = dW = db = None
     if needs[0]:
-        dcols = np.matmul(W.reshape(f, k).T, dout3)  # (N, K, P)
-        dx = _col2im(dcols, x_shape, win)
+        dx = _input_grad(dout3, W, x_shape, win)
     if needs[1]:
         # a stack of (F, P) @ (P, K) products summed over N: BLAS reads cols transposed in
         # place, where one big product would first copy cols and dout into (F, N*P) layouts
@@ -241,13 +245,14 @@ def conv2d_flops(ins: Sequence[Shape], out: Shape, stride: Pair = 1, padding: Pa
 
 def conv2d_scratch(ins: Sequence[Shape], out: Shape, stride: Pair = 1, padding: Pair = 0) -> int:
     """The columns (N, C*kh*kw, Ho*Wo), cached from forward to backward, plus the larger of
-    forward's padded input copy and backward's dcols with the per-image dW products
-    (N, F, C*kh*kw) summed into dW."""
+    forward's padded input copy and backward's (N, C, Ho*Wo) buffer for dx with the
+    per-image dW products (N, F, C*kh*kw) summed into dW."""
     x, W = ins[0], ins[1]
     ph, pw = _pair(padding, "padding")
     padded = x[0] * x[1] * (x[2] + 2 * ph) * (x[3] + 2 * pw) if ph or pw else 0
     columns = out[0] * math.prod(W[1:]) * math.prod(out[2:])
-    return columns + max(padded, columns + out[0] * math.prod(W)) + _numpy_buffers()
+    backward = out[0] * x[1] * math.prod(out[2:]) + out[0] * math.prod(W)
+    return columns + max(padded, backward) + _numpy_buffers()
 
 
 # --- pooling ----------------------------------------------------------------------------

@@ -152,12 +152,31 @@ def unit_axes(ndim: int, batch_axis: int) -> tuple[int, ...] | None:
     return tuple(axis for axis in range(ndim) if axis != channel)
 
 
+def count_per_unit(mask: Array, axes: tuple[int, ...]) -> Array:
+    """np.count_nonzero(mask, axis=axes), as int64. For (N, C, *spatial) read per channel,
+    each image's positions are summed first as bytes (uint16 where they fit), then the
+    images: NumPy's count over several axes sums an int64 copy of the mask, ~4x slower."""
+    ndim = mask.ndim
+    if ndim < 3 or axes != (0, *range(2, ndim)):
+        counted: Array = np.count_nonzero(mask, axis=axes)
+        return counted
+    n, c = mask.shape[:2]
+    positions = math.prod(mask.shape[2:])
+    per_image = np.add.reduce(
+        np.ascontiguousarray(mask).reshape(n, c, positions).view(np.uint8),
+        axis=2,
+        dtype=np.uint16 if positions < 2**16 else np.int64,
+    )
+    counts: Array = per_image.sum(axis=0, dtype=np.int64)
+    return counts
+
+
 def read_activation(op: Op, pre: Array, post: Array, eps: float, batch_axis: int) -> Reading:
     mask = flagged(op, pre, post, eps)
     axes = unit_axes(mask.ndim, batch_axis)
     if axes is None:
         return Reading(op.name, mask.size, int(np.count_nonzero(mask)), None)
-    per_unit = np.count_nonzero(mask, axis=axes).reshape(-1)
+    per_unit = count_per_unit(mask, axes).reshape(-1)
     whole = mask.size // max(1, per_unit.size)  # a unit's elements
     everywhere = np.flatnonzero(per_unit == whole).tolist()
     return Reading(op.name, mask.size, int(per_unit.sum()), per_unit.size, everywhere, per_unit)

@@ -44,6 +44,7 @@ from gradiag.engine.diagnostics import (
     Reading,
     Thresholds,
     cap_findings,
+    count_per_unit,
     first_to_last,
     is_finite,
     mean_std,
@@ -930,7 +931,7 @@ def _channel_active_fraction(z: Array, reading: Reading | None, finite: bool) ->
     if finite and counted and reading is not None and reading.per_unit is not None:
         active = positions - reading.per_unit
     else:
-        active = np.count_nonzero(z > 0, axis=axes)
+        active = count_per_unit(z > 0, axes)
     fractions: list[float] = (active / max(1, positions)).tolist()
     return fractions
 

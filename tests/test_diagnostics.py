@@ -8,7 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from gradiag.engine.diagnostics import CHUNK, WHOLE, is_finite, mean_std, norm, sum_of_squares
+from gradiag.engine.diagnostics import (
+    CHUNK,
+    WHOLE,
+    count_per_unit,
+    is_finite,
+    mean_std,
+    norm,
+    sum_of_squares,
+)
 
 DTYPES = [np.float32, np.float64]
 # one chunk, exactly one, several with a tail; mean_std's chunked path above WHOLE
@@ -132,3 +140,26 @@ def test_norms_of_huge_and_tiny_elements_are_exact(magnitude: float, size: int) 
 
 def test_none_gradient_counts_as_finite() -> None:
     assert is_finite(None)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 4), (5, 3, 7), (4, 2, 3, 5), (2, 3, 2, 2, 3), (1, 2, 256, 257), (0, 3, 2, 2)],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_count_per_unit_is_count_nonzero_over_the_unit_axes(
+    shape: tuple[int, ...], layout: str
+) -> None:
+    """Per channel (every axis but 1) and per column (rank 2): the same counts as
+    np.count_nonzero, including a channel of more than 2**16 positions (summed in int64)
+    and a mask that is a strided view."""
+    rng = np.random.default_rng(len(shape))
+    if layout == "strided":
+        mask = rng.random((*shape[:-1], 2 * shape[-1])) > 0.3
+        mask = mask[..., ::2]
+    else:
+        mask = rng.random(shape) > 0.3
+    axes = (0,) if mask.ndim == 2 else (0, *range(2, mask.ndim))
+    got = count_per_unit(mask, axes)
+    assert got.dtype == np.int64
+    assert got.tolist() == np.count_nonzero(mask, axis=axes).tolist()
