@@ -618,7 +618,7 @@ def softmax_cross_entropy_forward(scores: Array, labels: Array) -> tuple[Array, 
     exp = np.exp(shifted)
     sums = exp.sum(axis=1, keepdims=True)
     log_probs = shifted[rows, y] - np.log(sums[:, 0])  # only the labels' entries
-    loss = -(np.add.reduce(log_probs) / rows.size)
+    loss = -np.mean(log_probs)
     exp /= sums  # the softmax, for the backward
     return loss, (exp, rows, y)
 

