@@ -335,8 +335,9 @@ def maxpool2d_forward(
 
 def maxpool2d_backward(dout: Array, cache: Cache) -> Grads:
     """dout (N, C, Ho, Wo) -> dx (N, C, H, W): each window's gradient added to its winning
-    cell. Overlapping windows (stride < kernel) may pick one cell several times; bincount
-    over the winners' flat indices adds them all in one pass."""
+    cell. Windows that do not overlap (stride >= kernel) have winners apart: dout is stored
+    at their flat indices. Overlapping ones may pick one cell several times; bincount over
+    the winners' flat indices adds them all in one pass."""
     arg, x_shape, win = cache
     n, c, h, w = x_shape
     (sh, sw), (ph, pw) = win.stride, win.padding
@@ -346,8 +347,13 @@ def maxpool2d_backward(dout: Array, cache: Cache) -> Grads:
     index = offset[arg]  # (N, C, Ho, Wo): flat index of each winner in x
     index += origin
     index += (np.arange(n * c, dtype=np.intp) * (h * w)).reshape(n, c, 1, 1)
-    dx = np.bincount(index.reshape(-1), weights=dout.reshape(-1), minlength=n * c * h * w)
-    return (dx.astype(dout.dtype, copy=False).reshape(x_shape),)
+    if sh >= win.kernel[0] and sw >= win.kernel[1]:
+        dx = np.zeros(x_shape, dtype=dout.dtype)
+        # + 0.0: the sum 0 + dout that bincount (and PyTorch) take, so -0.0 arrives as 0.0
+        dx.reshape(-1)[index.reshape(-1)] = dout.reshape(-1) + 0.0
+        return (dx,)
+    summed = np.bincount(index.reshape(-1), weights=dout.reshape(-1), minlength=n * c * h * w)
+    return (summed.astype(dout.dtype, copy=False).reshape(x_shape),)
 
 
 def _pool_flops(ins: Sequence[Shape], out: Shape, kernel: Pair) -> int:

@@ -124,6 +124,24 @@ def test_overlapping_max_windows_accumulate_on_a_shared_winner() -> None:
     np.testing.assert_array_equal(dx, [[[[0.0, 11.0, 0.0, 1100.0, 0.0]]]])
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_windows_apart_send_each_gradient_to_the_window_maximum_in_the_dtype(dtype: type) -> None:
+    # stride >= kernel: each window's gradient is stored at its winner (no overlap to add up);
+    # a -0.0 arrives as 0.0, the sum 0 + dout that PyTorch (and the overlapping path) take
+    x = np.random.default_rng(3).standard_normal((2, 3, 6, 6)).astype(dtype)
+    dout = np.random.default_rng(4).standard_normal((2, 3, 2, 2)).astype(dtype)
+    dout[0, 0, 0, 0] = -0.0
+    _, (dx,) = run("maxpool2d", (x,), dout, kernel=3)
+    tiles = x.reshape(2, 3, 2, 3, 2, 3).transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 2, 2, 9)
+    first = tiles.argmax(axis=-1)  # row-major: the first maximum of each window
+    expected = np.zeros((2, 3, 2, 2, 9), dtype)
+    np.put_along_axis(expected, first[..., np.newaxis], dout[..., np.newaxis], axis=-1)
+    expected = expected.reshape(2, 3, 2, 2, 3, 3).transpose(0, 1, 2, 4, 3, 5).reshape(x.shape)
+    assert dx.dtype == dtype
+    np.testing.assert_array_equal(dx, expected + 0.0)
+    assert not np.signbit(dx[dx == 0]).any()  # no -0.0, the winner of dout[0, 0, 0, 0] included
+
+
 def test_maxpool_window_of_minus_infinities_sends_its_gradient_to_its_first_real_cell() -> None:
     # PyTorch never reads the padding: the -inf pad does not win over real -inf cells
     x = np.full((1, 1, 4, 4), -np.inf)
