@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 
-from gradiag.service import create_app
 from gradiag.service.check import escape_data, escape_property
 from gradiag.service.cli import main
-from gradiag.service.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -27,14 +25,6 @@ EXPLODING = str(EXAMPLES / "exploding.graph.json")
 GRAPH = str(EXAMPLES / "cs231n.graph.json")
 EXPRESSION = str(EXAMPLES / "cs231n-neuron.expression.json")
 ALL_EXAMPLES = [HEALTHY, DEAD, SATURATED, EXPLODING, GRAPH, EXPRESSION]
-
-
-@pytest.fixture(autouse=True)
-def _network_endpoint() -> None:
-    """The network examples need POST /v1/network (being added alongside this command)."""
-    rules = {rule.rule for rule in create_app(Settings()).url_map.iter_rules()}
-    if "/v1/network" not in rules:
-        pytest.skip("network endpoint not available yet")
 
 
 @pytest.fixture(autouse=True)

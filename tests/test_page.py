@@ -201,8 +201,6 @@ def test_page_runs_a_network_example_against_the_live_service(
     page: Any, live_server: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     status = run_example(page, "Network: 3 -> relu")
-    if status.startswith("404 "):
-        pytest.skip("POST /v1/network is not in this build yet")
     assert status.startswith("/v1/network: "), status
     assert page.locator("#layer-chart g.layer-row").count() == 3
     assert page.locator("#findings li").count() >= 1

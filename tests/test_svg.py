@@ -250,8 +250,8 @@ def test_network_picture_draws_the_layer_chain_with_health(
 ) -> None:
     if not dot:
         monkeypatch.setattr(svg.shutil, "which", lambda name, *a, **k: None)
-    elif not shutil.which("dot"):
-        pytest.skip("Graphviz's dot is absent")
+    else:
+        require("graphviz", lambda: shutil.which("dot"))  # fails under CI, else skips
     root = ET.fromstring(svg.network_svg(NETWORK_REPORT, input_dim=3))
     nodes = drawn_nodes(root)
     assert list(nodes) == ["input", "layer1", "layer2", "loss"]
@@ -261,8 +261,6 @@ def test_network_picture_draws_the_layer_chain_with_health(
 
 
 def test_network_svg_endpoint_answers_svg_or_problem(client: FlaskClient) -> None:
-    if client.post("/v1/network", json={}).status_code == 404:
-        pytest.skip("POST /v1/network is not in this build yet")
     body = {
         "input_dim": 3,
         "layers": [{"units": 4, "activation": "relu"}, {"units": 1, "activation": "linear"}],
